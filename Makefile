@@ -1,0 +1,42 @@
+# Every target creates .venv itself when missing; a fresh clone needs only python3.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE := 1
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+
+.PHONY: venv test conformance bench bench-smoke lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: venv lint
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+
+conformance: venv
+	$(BIN)/python -m pytest -q --pyargs pytest_hotswap.conformance \
+		--hotswap-backend=inductor --hotswap-max-rank=128 $(ARGS)
+
+bench: venv
+	$(BIN)/python -m pytest_hotswap.bench --out bench-results $(ARGS)
+
+bench-smoke: venv
+	$(BIN)/python -m pytest_hotswap.bench --smoke --out bench-results/smoke $(ARGS)
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache bench-results
