@@ -1,0 +1,238 @@
+"""The report data: JSON round trip, fail-on parsing, baseline comparison and the summary lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pytest_hotswap.report import (
+    SCHEMA_VERSION,
+    EventRecord,
+    Report,
+    ReportError,
+    SwapRecord,
+    TestRecord,
+    Threshold,
+    compare,
+    format_summary,
+    parse_fail_on,
+)
+from pytest_hotswap.watch import shorten_reason
+
+DATA = Path(__file__).parent / "data"
+SWAP = "tests/test_lora.py::test_swap"
+SCALE = "tests/test_lora.py::test_scale"
+
+
+@pytest.fixture(scope="module")
+def baseline() -> Report:
+    return Report.load(DATA / "report_baseline.json")
+
+
+@pytest.fixture(scope="module")
+def regressed() -> Report:
+    return Report.load(DATA / "report_regressed.json")
+
+
+def regressions(comparison) -> set[tuple[str, str]]:
+    return {(r.nodeid, r.metric) for r in comparison.regressions}
+
+
+def test_round_trip_keeps_every_field_and_hook_extras(tmp_path):
+    event = EventRecord("0/1", "forward", "/m.py", 3, "recompile", ["size mismatch"], "swap", 0.2)
+    record = TestRecord(
+        "t.py::test", "failed", 2, 1, 1, 1.25, [SwapRecord("swap", 3.5)], [event], {"device": "cpu"}
+    )
+    report = Report.new([record], xdist_workers=2)
+    report.extra["ci"] = {"commit": "abc"}
+    report.save(tmp_path / "nested" / "report.json")
+
+    loaded = Report.load(tmp_path / "nested" / "report.json")
+
+    assert loaded == report
+    assert loaded.schema_version == SCHEMA_VERSION
+    assert {"torch", "diffusers", "peft", "python"} <= set(loaded.versions)
+    assert json.loads((tmp_path / "nested" / "report.json").read_text())["ci"] == {"commit": "abc"}
+
+
+def test_new_report_sorts_tests_so_xdist_order_does_not_matter():
+    records = [TestRecord("b.py::t", "passed"), TestRecord("a.py::t", "passed")]
+    assert [t.nodeid for t in Report.new(records).tests] == ["a.py::t", "b.py::t"]
+
+
+def test_median_swap_is_the_swap_metric(regressed):
+    swap = next(t for t in regressed.tests if t.nodeid == SWAP)
+    assert swap.metric("swap_ms") == 25.0
+    assert swap.metric("recompiles") == 1
+    assert TestRecord("x", "passed").metric("swap_ms") is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("{not json", "not JSON"),
+        (json.dumps({"schema_version": 99, "tests": []}), "schema_version 99 is not 1"),
+        (json.dumps({"schema_version": 1}), "not a pytest-hotswap report"),
+        (json.dumps({"schema_version": 1, "tests": [{"nodeid": "x"}]}), "not a pytest-hotswap"),
+    ],
+)
+def test_load_errors_name_the_path_and_the_problem(tmp_path, content, message):
+    path = tmp_path / "baseline.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ReportError, match=message) as info:
+        Report.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_parse_fail_on():
+    assert parse_fail_on("recompiles:0, graph_breaks:2,compile_s:+50%,swap_ms:+100%") == (
+        Threshold("recompiles", 0, relative=False),
+        Threshold("graph_breaks", 2, relative=False),
+        Threshold("compile_s", 50, relative=True),
+        Threshold("swap_ms", 100, relative=True),
+    )
+    assert str(parse_fail_on("compile_s:+12.5%")[0]) == "compile_s:+12.5%"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "at least one threshold"),
+        ("recompile:0", "METRIC one of compiles, recompiles"),
+        ("recompiles", "expected METRIC:N"),
+        ("recompiles:-1", "a number >= 0"),
+        ("compile_s:+x%", "percentage growth"),
+        ("compile_s:50%", "a number >= 0"),
+        ("compile_s:nan", "a number >= 0"),
+    ],
+)
+def test_parse_fail_on_rejects_bad_input_with_the_fix(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_fail_on(text)
+
+
+def test_equal_runs_pass(baseline):
+    comparison = compare(
+        baseline, baseline, parse_fail_on("recompiles:0,compile_s:+0%,swap_ms:+0%")
+    )
+    assert not comparison.failed
+    assert comparison.compared == 3
+    assert comparison.new_tests == comparison.gone_tests == []
+    assert "no regressions" in comparison.format()
+
+
+def test_timing_noise_within_relative_limits_passes(baseline):
+    noise = Report.load(DATA / "report_noise.json")
+    assert not compare(baseline, noise, parse_fail_on("compile_s:+50%,swap_ms:+100%")).failed
+    # The negative control: the same noise fails a tighter limit.
+    tight = compare(baseline, noise, parse_fail_on("compile_s:+10%,swap_ms:+5%"))
+    assert regressions(tight) == {
+        (SWAP, "compile_s"),  # 2.0 -> 2.4 s
+        (SWAP, "swap_ms"),  # median 12 -> 13 ms
+        ("tests/test_lora.py::test_removed", "compile_s"),  # 0.5 -> 0.6 s
+    }
+
+
+@pytest.mark.parametrize(
+    ("fail_on", "expected"),
+    [
+        ("recompiles:0", {(SWAP, "recompiles")}),
+        ("recompiles:1", set()),
+        ("recompiles:+0%", {(SWAP, "recompiles")}),
+        ("graph_breaks:0", {(SCALE, "graph_breaks")}),
+        ("compiles:+100%", set()),
+        ("compiles:+99%", {(SWAP, "compiles")}),
+        ("compile_s:+50%", {(SWAP, "compile_s")}),  # +75%; test_scale grew 20%
+        ("compile_s:+10%", {(SWAP, "compile_s"), (SCALE, "compile_s")}),
+        ("compile_s:3", {(SWAP, "compile_s")}),
+        ("swap_ms:+100%", {(SWAP, "swap_ms")}),  # median 12 -> 25 ms
+        ("swap_ms:+110%", set()),
+        ("swap_ms:30", set()),
+    ],
+)
+def test_each_threshold_kind(baseline, regressed, fail_on, expected):
+    assert regressions(compare(baseline, regressed, parse_fail_on(fail_on))) == expected
+
+
+def test_new_and_gone_tests_are_listed_not_failed(baseline, regressed):
+    comparison = compare(baseline, regressed, parse_fail_on("recompiles:1"))
+    assert not comparison.failed
+    assert comparison.new_tests == ["tests/test_lora.py::test_added"]
+    assert comparison.gone_tests == ["tests/test_lora.py::test_removed"]
+    lines = comparison.format()
+    assert "new since the baseline (not compared): tests/test_lora.py::test_added" in lines
+    assert "gone since the baseline: tests/test_lora.py::test_removed" in lines
+
+
+def test_regression_table_shows_what_got_worse_per_test(baseline, regressed):
+    comparison = compare(baseline, regressed, parse_fail_on("recompiles:0,swap_ms:+100%"))
+    text = "\n".join(comparison.format())
+    assert "2 regressions:" in text
+    header, *rows = [line.split() for line in comparison.format()[2:5]]
+    assert header == ["test", "metric", "baseline", "now", "limit"]
+    assert rows == [
+        [SWAP, "recompiles", "0", "1", "recompiles:0"],
+        [SWAP, "swap_ms", "12.00", "25.00", "swap_ms:+100%"],
+    ]
+
+
+def test_timings_across_xdist_worker_counts_get_a_note(baseline, regressed):
+    parallel = Report(tests=regressed.tests, xdist_workers=2)
+    note = compare(baseline, parallel, parse_fail_on("compile_s:+50%")).notes
+    assert note == [
+        "timings compared across different xdist worker counts (0 in the baseline, 2 now)"
+    ]
+    assert compare(baseline, parallel, parse_fail_on("recompiles:0")).notes == []
+
+
+def test_summary_totals_worst_tests_and_reasons(regressed):
+    lines = format_summary(regressed)
+    assert lines[0] == "tests watched: 3, swaps: 3, compiles: 4, recompiles: 1, graph breaks: 1"
+    assert lines[1] == "compile time: 5.40 s, median swap: 25.00 ms"
+    assert lines[2] == "worst tests:"
+    assert lines[4].split()[0] == SWAP  # most recompiles first
+    assert lines[-2] == "recompiles:"
+    reason = next(t for t in regressed.tests if t.nodeid == SWAP).events[0].reasons[0]
+    assert lines[-1] == (
+        f"  {SWAP}: recompile 0/1 of forward (unet_2d_condition.py:1040) after 'hotswap #1': "
+        f"{shorten_reason(reason)}"
+    )
+    assert lines[-1].endswith("size mismatch at index 0. expected 8, actual 16")
+
+
+def test_summary_marks_xdist_timings(regressed):
+    parallel = Report(tests=regressed.tests, xdist_workers=2)
+    assert format_summary(parallel)[2] == (
+        "(timings measured under pytest-xdist with 2 workers, not comparable with a serial run)"
+    )
+
+
+def test_from_watcher_records_a_real_recompile_with_its_swap_and_reason():
+    import torch
+
+    from pytest_hotswap.watch import CompileWatcher
+
+    def scale(x):
+        return x * 2
+
+    compiled = torch.compile(scale, backend="eager", dynamic=False)
+    with CompileWatcher() as watcher:
+        watcher.context.update(backend="eager", dtype=torch.float32)
+        compiled(torch.ones(3))
+        watcher.step("swap to rank 16", swap_ms=4.0)
+        compiled(torch.ones(4))  # a shape guard fails: the negative control
+
+    record = TestRecord.from_watcher("t.py::test", "passed", watcher)
+
+    assert (record.compiles, record.recompiles, record.graph_breaks) == (2, 1, 0)
+    assert record.compile_s == pytest.approx(sum(e.seconds for e in watcher.events))
+    assert record.swaps == [SwapRecord("swap to rank 16", 4.0)]
+    [event] = record.events
+    assert (event.kind, event.frame, event.step) == ("recompile", "scale", "swap to rank 16")
+    assert "size mismatch at index 0. expected 3, actual 4" in event.reasons[0]
+    assert record.context == {"backend": "eager", "dtype": "torch.float32"}  # JSON-safe
+    assert TestRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
