@@ -1,0 +1,207 @@
+"""Options, ini twins, usage errors, markers, header and the cost of loading the plugin.
+
+These runs never compile anything, so they run in process (``runpytest_inprocess``), except the
+import check, which needs a fresh interpreter. A watched test imports ``torch._dynamo``; it is
+imported here first, because pytester drops modules first imported inside an in-process run and
+torch cannot be imported twice.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch._dynamo  # noqa: F401
+
+SHOW_OPTIONS = """
+def test_show(hotswap_options):
+    print("OPTIONS", hotswap_options)
+"""
+
+
+def test_help_lists_every_option_and_ini_key(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_inprocess("--help")
+    result.stdout.fnmatch_lines(
+        [
+            "LoRA hotswap without recompiles (pytest-hotswap):",
+            "*--hotswap-max-rank=MAX_RANK*",
+            "*--hotswap-backend=BACKEND*",
+            "*--hotswap-mode=MODE*",
+            "*--hotswap-device=DEVICE*",
+            "*--hotswap-dtype=DTYPE*",
+            "*--hotswap-quantize=QUANTIZE*",
+            "*--hotswap-pipelines=PIPELINES*",
+            "*--hotswap-implementations=IMPLEMENTATIONS*",
+            "*--hotswap-strict*",
+            "*--hotswap-report=REPORT*",
+            "*--hotswap-baseline=BASELINE*",
+            "*--hotswap-fail-on=FAIL_ON*",
+        ]
+    )
+    result.stdout.fnmatch_lines(["*hotswap_max_rank (string):*", "*hotswap_strict (bool):*"])
+
+
+def test_markers_are_listed_with_their_signature(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_inprocess("--markers")
+    result.stdout.fnmatch_lines(
+        [
+            "@pytest.mark.no_recompile(max_recompiles=0): fail the test when dynamo recompiles*",
+            "@pytest.mark.hotswap(pipeline=None, max_rank=None, backend=None, quantize=None): *",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--hotswap-max-rank=0"], "--hotswap-max-rank=0: expected an integer >= 1, got 0"),
+        (["--hotswap-max-rank=abc"], "--hotswap-max-rank=abc: expected an integer >= 1, got 'abc'"),
+        (
+            ["--hotswap-backend=foo"],
+            "--hotswap-backend=foo: expected one of eager, aot_eager, inductor; got 'foo'",
+        ),
+        (["--hotswap-mode=fast"], "--hotswap-mode=fast: expected one of default, reduce-overhead*"),
+        (
+            ["--hotswap-device=tpu"],
+            "--hotswap-device=tpu: expected one of auto, cpu, cuda; got 'tpu'",
+        ),
+        (["--hotswap-dtype=int8"], "--hotswap-dtype=int8: expected one of auto, float32*"),
+        (["--hotswap-quantize=int4"], "--hotswap-quantize=int4: expected one of none*"),
+        (
+            ["--hotswap-implementations=peft"],
+            "--hotswap-implementations=peft: unknown peft; expected names from diffusers, reference",
+        ),
+        (["--hotswap-pipelines=,"], "--hotswap-pipelines=,: expected a comma-separated list*"),
+        (
+            ["--hotswap-fail-on=nonsense"],
+            "--hotswap-fail-on=nonsense: bad threshold 'nonsense': expected METRIC:N*",
+        ),
+    ],
+)
+def test_bad_option_is_a_usage_error(
+    pytester: pytest.Pytester, args: list[str], message: str
+) -> None:
+    result = pytester.runpytest_inprocess(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {message}"])
+
+
+def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nhotswap_backend = foo\n")
+    result = pytester.runpytest_inprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: ini option hotswap_backend=foo: expected one of eager, aot_eager, inductor*"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("ini", "args", "expected"),
+    [
+        ("", [], "max_rank=128, backend='inductor'"),
+        ("hotswap_max_rank = 64\nhotswap_backend = eager\n", [], "max_rank=64, backend='eager'"),
+        (
+            "hotswap_max_rank = 64\nhotswap_backend = eager\n",
+            ["--hotswap-max-rank=32", "--hotswap-backend=aot_eager"],
+            "max_rank=32, backend='aot_eager'",
+        ),
+    ],
+    ids=["default", "ini", "command-line-beats-ini"],
+)
+def test_precedence(pytester: pytest.Pytester, ini: str, args: list[str], expected: str) -> None:
+    pytester.makeini(f"[pytest]\n{ini}")
+    pytester.makepyfile(test_show=SHOW_OPTIONS)
+    result = pytester.runpytest_inprocess("-s", *args)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"*OPTIONS HotswapOptions({expected}, *device='cpu'*"])
+
+
+def test_every_field_from_the_command_line(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_show=SHOW_OPTIONS)
+    result = pytester.runpytest_inprocess(
+        "-s",
+        "--hotswap-mode=reduce-overhead",
+        "--hotswap-device=cpu",
+        "--hotswap-dtype=bfloat16",
+        "--hotswap-quantize=int8-weight-only",
+        "--hotswap-pipelines=flux,mine",
+        "--hotswap-implementations=reference",
+        "--hotswap-strict",
+        "--hotswap-report=out.json",
+    )
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*OPTIONS HotswapOptions(max_rank=128, backend='inductor', mode='reduce-overhead', "
+            "device='cpu', dtype='bfloat16', quantize='int8-weight-only', "
+            "pipelines=('flux', 'mine'), implementations=('reference',), strict=True, "
+            "report=PosixPath('out.json'), baseline=None, fail_on=None)"
+        ]
+    )
+
+
+def test_ini_strict_flag(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nhotswap_strict = true\n")
+    pytester.makepyfile(test_show=SHOW_OPTIONS)
+    result = pytester.runpytest_inprocess("-s")
+    result.stdout.fnmatch_lines(["*OPTIONS *strict=True*"])
+
+
+@pytest.mark.parametrize(
+    ("mark", "message"),
+    [
+        (
+            "no_recompile(maximum=1)",
+            "test_marked.py::test_it: @pytest.mark.no_recompile got unexpected arguments "
+            "(maximum=); accepted: max_recompiles=N",
+        ),
+        (
+            "no_recompile(max_recompiles=-1)",
+            "test_marked.py::test_it: @pytest.mark.no_recompile(max_recompiles=-1): "
+            "expected an integer >= 0",
+        ),
+        (
+            "no_recompile(max_recompiles='2')",
+            "test_marked.py::test_it: @pytest.mark.no_recompile(max_recompiles='2'): "
+            "expected an integer >= 0",
+        ),
+    ],
+)
+def test_bad_marker_is_a_usage_error(pytester: pytest.Pytester, mark: str, message: str) -> None:
+    pytester.makepyfile(
+        test_marked=f"import pytest\n\n@pytest.mark.{mark}\ndef test_it():\n    pass\n"
+    )
+    result = pytester.runpytest_inprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {message}"])
+
+
+def test_marker_positional_allowance_is_accepted(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_marked="import pytest\n\n@pytest.mark.no_recompile(2)\ndef test_it():\n    pass\n"
+    )
+    pytester.runpytest_inprocess("--strict-markers").assert_outcomes(passed=1)
+
+
+def test_header_line(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_inprocess("--hotswap-max-rank=64", "--hotswap-backend=eager")
+    result.stdout.fnmatch_lines(
+        [
+            "hotswap: torch 2.13*, diffusers *, peft * | max_rank=64 backend=eager mode=default "
+            "device=cpu dtype=float32 quantize=none pipelines=sd,flux "
+            "implementations=diffusers,reference"
+        ]
+    )
+
+
+def test_loading_the_plugin_and_help_import_no_torch(pytester: pytest.Pytester) -> None:
+    code = (
+        "import sys, pytest\n"
+        "import pytest_hotswap.plugin\n"
+        "loaded = sorted(m for m in ('torch', 'diffusers', 'peft') if m in sys.modules)\n"
+        "pytest.main(['--help', '-q'])\n"
+        "after_help = sorted(m for m in ('torch', 'diffusers', 'peft') if m in sys.modules)\n"
+        "print('HEAVY', loaded, after_help)\n"
+    )
+    result = pytester.run(sys.executable, "-c", code)
+    result.stdout.fnmatch_lines(["HEAVY [] []"])

@@ -1,0 +1,280 @@
+"""CompileWatcher against real dynamo compiles (backend="eager": guards decide recompiles).
+
+Every test compiles functions defined inside it, so no two tests share a code object or its
+cache entries, and no test resets dynamo (other tests in this process keep their compiled models;
+the reset case runs in a subprocess in test_plugin_marker.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import torch
+
+from pytest_hotswap.watch import CompileWatcher, RecompileError, shorten_reason
+
+
+class _Scaled(torch.nn.Module):
+    """A Linear times a Python float; subclass it inside each test so each has its own frame."""
+
+    def __init__(self, out_features: int = 4) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, out_features)
+        self.scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+X = torch.ones(2, 4)
+
+
+def test_in_place_update_is_one_compile_and_no_recompile() -> None:
+    class Model(_Scaled):
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    model = Model()
+    compiled = torch.compile(model, backend="eager")
+    with CompileWatcher() as watch:
+        compiled(X)
+        watch.step("hotswap #1: same shape", swap_ms=1.5)
+        with torch.no_grad():
+            model.lin.weight.copy_(torch.randn(4, 4))
+        out = compiled(X)
+    assert torch.allclose(out, model(X))
+    assert (watch.compiles, watch.recompiles, watch.graph_breaks) == (1, 0, 0)
+    assert [event.kind for event in watch.events] == ["compile"]
+    assert watch.events[0].frame == "forward" and watch.events[0].compile_id.endswith("/0")
+    assert watch.steps[0].label == "hotswap #1: same shape" and watch.steps[0].swap_ms == 1.5
+    assert watch.compile_seconds > 0
+    watch.assert_no_recompile()
+
+
+def test_python_float_change_is_a_recompile_with_its_guard() -> None:
+    class Model(_Scaled):
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    model = Model()
+    compiled = torch.compile(model, backend="eager")
+    with CompileWatcher() as watch:
+        compiled(X)
+        watch.step("strength 0.5")
+        model.scale = 0.5
+        compiled(X)
+    assert watch.recompiles == 1
+    event = watch.events[-1]
+    assert event.kind == "recompile" and event.step == "strength 0.5"
+    assert event.compile_id.endswith("/1")
+    assert "scale == 1.0" in event.reasons[0]
+    with pytest.raises(RecompileError) as caught:
+        watch.assert_no_recompile()
+    message = str(caught.value)
+    assert message.startswith("1 recompile (none allowed)")
+    assert 'recompile after step "strength 0.5": forward (tests/test_watch.py:' in message
+    assert "guard: self.scale == 1.0" in message
+
+
+def test_shape_change_names_the_tensor_and_allowance_counts() -> None:
+    class Model(_Scaled):
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    model = Model()
+    compiled = torch.compile(model, backend="eager")
+    with CompileWatcher() as watch:
+        compiled(X)
+        watch.step("hotswap #2: rank 8")
+        model.lin = torch.nn.Linear(4, 8)
+        compiled(X)
+    (event,) = [event for event in watch.events if event.is_recompile]
+    assert "size mismatch at index 0. expected 4, actual 8" in event.reasons[0]
+    assert "'self.lin.bias'" in shorten_reason(event.reasons[0])
+    watch.assert_no_recompile(max_recompiles=1)
+    with pytest.raises(RecompileError, match=r"1 recompile \(none allowed\)"):
+        watch.assert_no_recompile()
+
+
+def _shared_frame(forward):  # like diffusers' apply_lora_scale: one `wrapper` code object
+    @functools.wraps(forward)
+    def wrapper(self, x):
+        return forward(self, x)
+
+    return wrapper
+
+
+def test_warmup_makes_a_new_model_on_a_shared_frame_a_first_compile() -> None:
+    class Small(torch.nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, width)
+
+        @_shared_frame
+        def forward(self, x):
+            return self.lin(x)
+
+    first, second, third = Small(4), Small(6), Small(8)
+    with CompileWatcher() as watch:
+        torch.compile(first, backend="eager")(X)
+        with watch.warmup("second model"):
+            torch.compile(second, backend="eager")(X)
+        watch.step("third model, no warmup")
+        torch.compile(third, backend="eager")(X)  # negative control: same frame, no warmup
+    assert [event.frame for event in watch.events] == ["wrapper"] * 3
+    assert [event.kind for event in watch.events] == ["compile", "compile", "recompile"]
+    assert (
+        watch.events[1].compile_id.endswith("/1") and watch.events[1].step == "warmup: second model"
+    )
+    assert watch.events[2].step == "third model, no warmup"
+
+
+def test_nested_watchers_see_their_own_scope_and_share_labels() -> None:
+    class Model(_Scaled):
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    model = Model()
+    compiled = torch.compile(model, backend="eager")
+    assert CompileWatcher.current() is None
+    with CompileWatcher() as outer:
+        compiled(X)
+        with CompileWatcher() as inner:
+            assert CompileWatcher.current() is inner
+            CompileWatcher.current().step("library swap")
+            model.scale = 2.0
+            compiled(X)
+            with inner:  # re-entrant
+                assert CompileWatcher.current() is inner
+        assert CompileWatcher.current() is outer
+        model.lin = torch.nn.Linear(4, 8)  # a float changed once is dynamic: change a shape
+        compiled(X)
+    assert CompileWatcher.current() is None
+    assert [event.kind for event in outer.events] == ["compile", "recompile", "recompile"]
+    assert [event.kind for event in inner.events] == ["recompile"]
+    assert inner.events[0].step == outer.events[1].step == "library swap"
+    assert [step.label for step in outer.steps] == ["library swap"]
+
+
+def test_recompile_storm_always_fails() -> None:
+    def double(x):
+        return x * 2
+
+    compiled = torch.compile(double, backend="eager")
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32]
+    with torch._dynamo.config.patch(recompile_limit=2), CompileWatcher() as watch:
+        for dtype in dtypes:
+            compiled(torch.ones(3, dtype=dtype))
+    kinds = [event.kind for event in watch.events]
+    assert kinds == ["compile", "recompile", "storm"]  # then it runs eagerly, silently
+    storm = watch.events[-1]
+    assert storm.frame == "double" and storm.filename == __file__
+    assert "recompile_limit = 2 reached" in storm.reasons[-1]
+    assert "dtype mismatch" in storm.reasons[0]
+    with pytest.raises(RecompileError, match="recompile storm"):
+        watch.assert_no_recompile(max_recompiles=100)
+
+
+def test_graph_breaks_are_counted() -> None:
+    def breaks(x):
+        y = x + 1
+        torch._dynamo.graph_break()
+        return y * 2
+
+    def clean(x):
+        return (x + 1) * 2
+
+    with CompileWatcher() as broken:
+        torch.compile(breaks, backend="eager")(X)
+    with CompileWatcher() as whole:
+        torch.compile(clean, backend="eager")(X)
+    assert broken.graph_breaks == 1 and broken.compiles == 2  # the resume function compiles too
+    assert whole.graph_breaks == 0 and whole.compiles == 1
+    assert broken.recompiles == 0
+
+
+def test_cudagraph_rerecords_and_skips_are_recompiles() -> None:
+    from torch._dynamo.callback import CallbackTrigger
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    handler = torch._dynamo.callback_handler
+
+    def record(compile_id: str) -> None:
+        with handler.install_callbacks(CallbackTrigger.CUDAGRAPH_RECORDING, compile_id):
+            pass
+
+    with CompileWatcher() as recorded_once:
+        record("901/0")
+    assert recorded_once.events == []  # the first recording is the expected one
+    with CompileWatcher() as watch:
+        watch.step("swap_tensors swap")
+        record("901/0")
+        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs")
+    assert [event.kind for event in watch.events] == ["cudagraph_rerecord", "cudagraph_skip"]
+    assert watch.recompiles == 2 and watch.events[0].step == "swap_tensors swap"
+    assert "skipping cudagraphs due to mutated inputs" in watch.report()
+
+
+def test_leaves_torch_as_it_found_it() -> None:
+    loggers = [
+        logging.getLogger(name)
+        for name in (
+            "torch._utils_internal",
+            "torch._dynamo.convert_frame",
+            "torch._inductor.cudagraph_utils.__cudagraphs",
+        )
+    ]
+    before = [(log.level, list(log.filters), log.getEffectiveLevel()) for log in loggers]
+    callbacks = list(torch._dynamo.callback_handler.start_callbacks)
+    config = torch._dynamo.config.get_config_copy()
+    stance = repr(torch._dynamo.eval_frame._stance)
+
+    def add(x):
+        return x + 1
+
+    with torch._dynamo.config.patch(log_compilation_metrics=False):
+        with CompileWatcher() as watch:
+            torch.compile(add, backend="eager")(X)
+        assert torch._dynamo.config.log_compilation_metrics is False
+    assert watch.compiles == 1  # seen even with compilation-metrics logging turned off
+    assert [(log.level, list(log.filters), log.getEffectiveLevel()) for log in loggers] == before
+    assert torch._dynamo.callback_handler.start_callbacks == callbacks
+    assert torch._dynamo.config.get_config_copy() == config
+    assert repr(torch._dynamo.eval_frame._stance) == stance
+
+
+def test_compile_metrics_stay_out_of_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    def sub(x):
+        return x - 1
+
+    with CompileWatcher() as watch:
+        torch.compile(sub, backend="eager")(X)
+    assert watch.compiles == 1
+    assert not [r for r in caplog.records if r.name == "torch._utils_internal"]
+
+
+@pytest.mark.parametrize(
+    ("reason", "short"),
+    [
+        (
+            "0/1: tensor 'self.__dict__['_modules']['mid_block']._modules['attentions']._modules['0']"
+            "._modules['transformer_blocks']._modules['0']._modules['attn1']._modules['to_k']"
+            "._modules['lora_A']._modules['default']._parameters['weight']' size mismatch at "
+            "index 0. expected 128, actual 256",
+            "tensor 'mid_block.attentions.0...to_k.lora_A.default.weight' size mismatch at "
+            "index 0. expected 128, actual 256",
+        ),
+        (
+            "0/0: self.__dict__['_modules']['transformer_blocks']._modules['0'].__dict__['_modules']"
+            "['attn']._modules['to_q'].scaling['default'] == 1.0  # result = result + x  "
+            "# peft/tuners/lora/layer.py:1102 in forward\nUser stack trace:\n  File ...",
+            "self.transformer_blocks.0.attn.to_q.scaling['default'] == 1.0",
+        ),
+        ("0/0: len(kwargs) == 3", "len(kwargs) == 3"),
+        ("1/2: L['self'].scale == 1.0", "self.scale == 1.0"),
+    ],
+)
+def test_shorten_reason(reason: str, short: str) -> None:
+    assert shorten_reason(reason) == short
