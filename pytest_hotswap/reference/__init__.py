@@ -1,0 +1,59 @@
+"""The reference hotswap: strict, atomic, index-based LoRA swapping for compiled diffusers models.
+
+Workflow::
+
+    pipe.load_lora_weights(first, adapter_name="default")  # plain diffusers load
+    prepare_for_hotswap(pipe, max_rank=64)                   # pad + index, before compiling
+    pipe.unet = torch.compile(pipe.unet)
+    hotswap(pipe, "next.safetensors")                        # no recompile
+    set_lora_scale(pipe, 0.6)                                # no recompile either
+
+It operates on the LoRA layers PEFT injected (what ``load_lora_adapter`` produces) with its own
+prepare and swap logic, so the test suite can compare diffusers + PEFT's hotswap against it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from pytest_hotswap.reference.errors import (
+    AdapterNotFoundError,
+    AlreadyCompiledError,
+    HotswapError,
+    InvalidAdapterError,
+    NotPreparedError,
+    RankTooLargeError,
+    ShapeMismatchError,
+    TextEncoderLoraError,
+    UnexpectedTargetsError,
+)
+
+# The functions import torch: loaded on first use, so importing the errors stays light.
+_FUNCTIONS = {
+    "prepare_for_hotswap": "pytest_hotswap.reference.prepare",
+    "hotswap": "pytest_hotswap.reference.swap",
+    "set_lora_scale": "pytest_hotswap.reference.swap",
+}
+
+__all__ = [
+    "AdapterNotFoundError",
+    "AlreadyCompiledError",
+    "HotswapError",
+    "InvalidAdapterError",
+    "NotPreparedError",
+    "RankTooLargeError",
+    "ShapeMismatchError",
+    "TextEncoderLoraError",
+    "UnexpectedTargetsError",
+    "hotswap",
+    "prepare_for_hotswap",
+    "set_lora_scale",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _FUNCTIONS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pytest_hotswap.reference' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

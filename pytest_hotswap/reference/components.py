@@ -1,0 +1,67 @@
+"""Finding the denoiser (and the LoRA layers PEFT injected into it) in a model or a pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+#: Pipeline attributes that hold the model a denoiser LoRA targets, in diffusers' naming.
+DENOISER_NAMES = ("unet", "transformer")
+
+
+def unwrap_compiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The eager module behind ``torch.compile(module)`` (an ``OptimizedModule``), else itself."""
+    return getattr(module, "_orig_mod", module)
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """True for ``torch.compile(module)`` wrappers and for modules compiled in place (``.compile()``)."""
+    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def find_denoiser(model_or_pipeline: Any) -> tuple[str | None, torch.nn.Module]:
+    """Return ``(attribute name, module)`` of the pipeline's denoiser, or ``(None, model)`` for a model.
+
+    The module is returned as stored, so a compiled wrapper stays visible to the caller.
+    """
+    if isinstance(model_or_pipeline, torch.nn.Module):
+        return None, model_or_pipeline
+    for name in DENOISER_NAMES:
+        module = getattr(model_or_pipeline, name, None)
+        if isinstance(module, torch.nn.Module):
+            return name, module
+    raise TypeError(
+        f"expected a torch.nn.Module or a diffusers pipeline with a {' or '.join(DENOISER_NAMES)} "
+        f"component, got {type(model_or_pipeline).__name__}; pass the denoiser model itself"
+    )
+
+
+def denoiser_prefix(model_or_pipeline: Any) -> str:
+    """The key prefix diffusers gives the denoiser's LoRA keys: ``unet`` or ``transformer``.
+
+    A pipeline uses its own attribute name; a bare model is a UNet (Stable Diffusion naming) or,
+    for any other model, a transformer, the name diffusers' transformer pipelines use.
+    """
+    name, module = find_denoiser(model_or_pipeline)
+    if name is not None:
+        return name
+    from diffusers import UNet2DConditionModel
+
+    return "unet" if isinstance(unwrap_compiled(module), UNet2DConditionModel) else "transformer"
+
+
+def lora_loader(model_or_pipeline: Any) -> Any:
+    """The diffusers LoRA loader class for the object: a pipeline's own, else SD's or Flux's."""
+    if not isinstance(model_or_pipeline, torch.nn.Module):
+        if not hasattr(model_or_pipeline, "lora_state_dict"):
+            raise TypeError(
+                f"{type(model_or_pipeline).__name__} has no LoRA support in diffusers "
+                "(no lora_state_dict / save_lora_weights); pass its denoiser model instead"
+            )
+        return type(model_or_pipeline)
+    from diffusers.loaders import FluxLoraLoaderMixin, StableDiffusionLoraLoaderMixin
+
+    if denoiser_prefix(model_or_pipeline) == "unet":
+        return StableDiffusionLoraLoaderMixin
+    return FluxLoraLoaderMixin

@@ -1,0 +1,115 @@
+"""The hotswap index: for one prepared adapter, every LoRA layer's padded tensors, built once.
+
+A swap looks keys up here instead of walking modules or rebuilding ``state_dict()``, which is
+where PEFT's hotswap spends its time on deep models.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from pytest_hotswap.reference.errors import AdapterNotFoundError, NotPreparedError
+
+
+@dataclass(eq=False)
+class LoraSlot:
+    """One LoRA layer: its padded ``lora_A`` / ``lora_B`` weights and its 0-dim scaling tensor.
+
+    ``rank`` and ``base_scaling`` describe the adapter currently written into the slot
+    (``rank == 0``: the current adapter does not target this layer, the weights are zero).
+    """
+
+    name: str
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: torch.Tensor
+    groups: int
+    rank: int
+    base_scaling: float
+
+    @property
+    def max_rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def rank_blocks(self, rank: int) -> list[tuple[slice, slice]]:
+        return rank_blocks(self.max_rank, rank, self.groups)
+
+    def padding_blocks(self, rank: int) -> list[slice]:
+        return padding_blocks(self.max_rank, rank, self.groups)
+
+
+def rank_blocks(max_rank: int, rank: int, groups: int) -> list[tuple[slice, slice]]:
+    """``(padded, unpadded)`` slices of the rank dimension holding a rank-``rank`` adapter.
+
+    With ``groups`` > 1 (grouped conv), ``lora_B`` reads the rank dimension in ``groups``
+    contiguous blocks, so each block of ``lora_A`` rows is padded separately.
+    """
+    per_group, padded_per_group = rank // groups, max_rank // groups
+    return [
+        (
+            slice(g * padded_per_group, g * padded_per_group + per_group),
+            slice(g * per_group, (g + 1) * per_group),
+        )
+        for g in range(groups)
+    ]
+
+
+def padding_blocks(max_rank: int, rank: int, groups: int) -> list[slice]:
+    """Slices of the padded rank dimension of ``lora_A`` left zero by a rank-``rank`` adapter."""
+    per_group, padded_per_group = rank // groups, max_rank // groups
+    if per_group == padded_per_group:
+        return []
+    return [
+        slice(g * padded_per_group + per_group, (g + 1) * padded_per_group) for g in range(groups)
+    ]
+
+
+@dataclass(eq=False)
+class AdapterIndex:
+    """Everything a swap of ``adapter_name`` needs; ``strength`` is the ``set_lora_scale`` factor."""
+
+    adapter_name: str
+    max_rank: int
+    slots: list[LoraSlot]
+    strength: float = 1.0
+    by_key: dict[str, tuple[LoraSlot, str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_key = {}
+        for slot in self.slots:
+            self.by_key[f"{slot.name}.lora_A.weight"] = (slot, "A")
+            self.by_key[f"{slot.name}.lora_B.weight"] = (slot, "B")
+
+
+# Keyed by the eager denoiser module, so the index lives exactly as long as the model.
+_INDEXES: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, AdapterIndex]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def register(model: torch.nn.Module, index: AdapterIndex) -> None:
+    _INDEXES.setdefault(model, {})[index.adapter_name] = index
+
+
+def lookup(model: torch.nn.Module, adapter_name: str) -> AdapterIndex | None:
+    return _INDEXES.get(model, {}).get(adapter_name)
+
+
+def require(model: torch.nn.Module, adapter_name: str) -> AdapterIndex:
+    """The index of ``adapter_name`` (exact name), or an error saying what to call first."""
+    prepared = _INDEXES.get(model, {})
+    if adapter_name in prepared:
+        return prepared[adapter_name]
+    if not prepared:
+        raise NotPreparedError(
+            f"{type(model).__name__} is not prepared for hotswapping: load the first adapter "
+            "(pipe.load_lora_weights(path, adapter_name=...)), then call "
+            "prepare_for_hotswap(model_or_pipeline, max_rank, adapter_name=...) before torch.compile"
+        )
+    raise AdapterNotFoundError(
+        f"no adapter named {adapter_name!r} is prepared for hotswapping (names match exactly); "
+        f"prepared: {sorted(prepared)}; pass one of them as adapter_name"
+    )

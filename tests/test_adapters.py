@@ -1,0 +1,178 @@
+"""The LoRA factory: deterministic files that diffusers loads as written, in both formats."""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+
+from pytest_hotswap import pipelines
+from pytest_hotswap.adapters import lora_targets, make_lora
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_diffusers():
+    from diffusers.utils import logging
+
+    before = logging.get_verbosity()
+    logging.set_verbosity_error()
+    yield
+    logging.set_verbosity(before)
+
+
+@pytest.fixture(scope="module")
+def sd_pipe():
+    return pipelines.build_tiny_sd_pipeline()
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    return pipelines.build_tiny_flux_pipeline()
+
+
+def _scalings(model: torch.nn.Module, adapter: str) -> set[float]:
+    return {m.scaling[adapter] for m in model.modules() if adapter in getattr(m, "scaling", {})}
+
+
+def test_same_seed_same_file_other_seed_other_weights(sd_pipe, tmp_path):
+    a = safetensors.torch.load_file(make_lora(sd_pipe, tmp_path / "a.safetensors", seed=1))
+    b = safetensors.torch.load_file(make_lora("sd", tmp_path / "b.safetensors", seed=1))
+    c = safetensors.torch.load_file(make_lora(sd_pipe, tmp_path / "c.safetensors", seed=2))
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_directory_path_gets_a_descriptive_file_name(sd_pipe, tmp_path):
+    path = make_lora(sd_pipe.unet, tmp_path, rank=4, alpha=2, targets="half", seed=5)
+    assert path.parent == tmp_path
+    assert path.name == "lora_unet_r4_a2_half_diffusers_s5.safetensors"
+
+
+@pytest.mark.parametrize("name", ["sd", "flux"])
+def test_plain_diffusers_load_changes_output_with_written_rank_and_alpha(
+    name, sd_pipe, flux_pipe, tmp_path
+):
+    pipe = sd_pipe if name == "sd" else flux_pipe
+    denoiser = pipe.unet if name == "sd" else pipe.transformer
+    inputs = (pipelines.unet_inputs if name == "sd" else pipelines.flux_inputs)()
+    with torch.no_grad():
+        before = denoiser(**inputs, return_dict=False)[0]
+    path = make_lora(pipe, tmp_path, rank=4, alpha=6)
+    pipe.load_lora_weights(str(path), adapter_name="probe")
+    try:
+        with torch.no_grad():
+            after = denoiser(**inputs, return_dict=False)[0]
+        assert _scalings(denoiser, "probe") == {1.5}
+        ranks = {m.r["probe"] for m in denoiser.modules() if "probe" in getattr(m, "r", {})}
+        assert ranks == {4}
+        assert not torch.allclose(before, after)
+    finally:
+        pipe.delete_adapters("probe")
+
+
+def test_unet_adapter_targets_convs_and_linears(sd_pipe, tmp_path):
+    tensors = safetensors.torch.load_file(make_lora(sd_pipe, tmp_path))
+    assert "unet.down_blocks.0.resnets.0.conv1.lora_A.weight" in tensors
+    assert (
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in tensors
+    )
+    assert {t.dim() for t in tensors.values()} == {2, 4}
+    assert len(tensors) == 2 * len(lora_targets(sd_pipe))
+
+
+def test_half_is_a_deterministic_subset_and_lists_are_exact(flux_pipe, tmp_path):
+    all_keys = set(safetensors.torch.load_file(make_lora(flux_pipe, tmp_path / "all.safetensors")))
+    half = set(
+        safetensors.torch.load_file(
+            make_lora(flux_pipe, tmp_path / "h.safetensors", targets="half")
+        )
+    )
+    again = set(
+        safetensors.torch.load_file(
+            make_lora(flux_pipe, tmp_path / "h2.safetensors", targets="half")
+        )
+    )
+    assert half == again
+    assert half < all_keys
+    assert len(half) == 2 * len(lora_targets(flux_pipe)[::2])
+    # "proj_out" alone must not also adapt single_transformer_blocks.0.proj_out on load.
+    path = make_lora(flux_pipe, tmp_path / "one.safetensors", targets=["proj_out"])
+    flux_pipe.load_lora_weights(str(path), adapter_name="one")
+    try:
+        adapted = [
+            n for n, m in flux_pipe.transformer.named_modules() if "one" in getattr(m, "r", {})
+        ]
+        assert adapted == ["proj_out"]
+    finally:
+        flux_pipe.delete_adapters("one")
+
+
+def test_text_encoder_keys_only_when_asked(sd_pipe, tmp_path):
+    without = safetensors.torch.load_file(make_lora(sd_pipe, tmp_path / "a.safetensors"))
+    with_te = safetensors.torch.load_file(
+        make_lora(sd_pipe, tmp_path / "b.safetensors", text_encoder=True)
+    )
+    assert not any(k.startswith("text_encoder.") for k in without)
+    te_keys = [k for k in with_te if k.startswith("text_encoder.")]
+    assert te_keys
+    assert all(".self_attn." in k for k in te_keys)
+
+
+def test_kohya_round_trip_through_diffusers_loader_matches_diffusers_format(tmp_path):
+    outputs = []
+    for fmt in ("diffusers", "kohya"):
+        pipe = pipelines.build_tiny_sd_pipeline()
+        path = make_lora(pipe, tmp_path, rank=4, alpha=2, fmt=fmt, text_encoder=True, seed=3)
+        keys = safetensors.torch.load_file(path).keys()
+        assert any(k.startswith("lora_unet_") for k in keys) == (fmt == "kohya")
+        pipe.load_lora_weights(str(path))
+        assert _scalings(pipe.unet, "default_0") == {0.5}
+        assert _scalings(pipe.text_encoder, "default_0") == {0.5}
+        outputs.append(pipe(**pipelines.sd_call_kwargs())[0])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, "rank must be an integer >= 1"),
+        ({"alpha": -1.0}, "alpha must be > 0"),
+        ({"targets": ["no.such.layer"]}, "unknown LoRA targets"),
+        ({"targets": "some"}, "targets must be 'all', 'half'"),
+        ({"targets": []}, "targets is empty"),
+        ({"fmt": "pickle"}, "fmt must be one of"),
+        ({"text_encoder": True}, "needs a pipeline with a text_encoder"),
+    ],
+)
+def test_bad_arguments_say_what_to_do(sd_pipe, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_lora(sd_pipe.unet, tmp_path, **kwargs)
+
+
+def test_kohya_for_a_transformer_is_refused(flux_pipe, tmp_path):
+    with pytest.raises(ValueError, match="use fmt='diffusers'"):
+        make_lora(flux_pipe, tmp_path, fmt="kohya")
+
+
+def test_unknown_pipeline_name_and_non_safetensors_path(sd_pipe, tmp_path):
+    with pytest.raises(ValueError, match="unknown pipeline name 'sdxl'"):
+        make_lora("sdxl", tmp_path)
+    with pytest.raises(ValueError, match="safetensors only"):
+        make_lora(sd_pipe, tmp_path / "lora.bin")
+
+
+def test_a_model_holding_an_adapter_or_compiled_gives_the_same_file(tmp_path) -> None:
+    clean = pipelines.build_tiny_flux_transformer()
+    expected = safetensors.torch.load_file(make_lora(clean, tmp_path / "clean.safetensors"))
+    loaded = pipelines.build_tiny_flux_transformer()
+    loaded.load_lora_adapter(
+        str(make_lora(loaded, tmp_path / "first.safetensors", rank=2)),
+        prefix="transformer",
+        use_safetensors=True,
+    )
+    compiled = torch.compile(loaded, backend="eager")  # not run: make_lora only reads shapes
+    for target in (loaded, compiled):
+        got = safetensors.torch.load_file(make_lora(target, tmp_path / "again.safetensors"))
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)

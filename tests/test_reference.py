@@ -1,0 +1,215 @@
+"""The reference hotswap on compiled tiny models: equal to a fresh eager load, and no recompile.
+
+Compiles use backend="eager": guards alone decide recompiles, the same for every backend (the
+inductor run is in test_reference_crosscheck.py). Zero recompiles are counted twice, by the
+CompileWatcher and straight from dynamo's own guard-failure records.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference_support import ARCHS, Arch, parameter_identity, quiet_diffusers
+
+from pytest_hotswap.adapters import lora_targets, make_lora
+from pytest_hotswap.reference import hotswap, prepare_for_hotswap, set_lora_scale
+from pytest_hotswap.watch import CompileWatcher
+
+MAX_RANK = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _setup():
+    from diffusers.utils import logging
+
+    before = quiet_diffusers()
+    # Every diffusers model compiles the same frame, so all of this process's models share
+    # dynamo's recompile_limit; leave room for the ones other test modules compiled.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+    logging.set_verbosity(before)
+
+
+def _sequence(arch: Arch, directory) -> list[tuple[str, object]]:
+    """(label, adapter file): ranks below, at and equal to max, other alphas, subsets, A again."""
+    model = arch.build()
+    if arch.name == "unet":
+        convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        subset = ("conv2d only", {"targets": convs, "rank": 12, "alpha": 6})
+    else:
+        subset = ("three linears", {"targets": lora_targets(model)[6:9], "rank": 4, "alpha": 1})
+    plan = [
+        ("A: rank 4", {"rank": 4}),
+        ("rank 8, alpha 2", {"rank": 8, "alpha": 2}),
+        ("rank 16 = max, half the targets", {"rank": MAX_RANK, "alpha": 16, "targets": "half"}),
+        ("rank 2, alpha 5", {"rank": 2, "alpha": 5}),
+        subset,
+        ("A again", {"rank": 4}),
+    ]
+    return [
+        (label, make_lora(model, directory, seed=0 if label.startswith("A") else i, **kwargs))
+        for i, (label, kwargs) in enumerate(plan)
+    ]
+
+
+def _guard_failures() -> int:
+    return sum(len(reasons) for reasons in torch._dynamo.utils.guard_failures.values())
+
+
+@pytest.mark.parametrize("arch", list(ARCHS.values()), ids=list(ARCHS))
+def test_swap_sequence_matches_eager_load_without_recompiling(arch: Arch, tmp_path) -> None:
+    sequence = _sequence(arch, tmp_path)
+    model = arch.with_lora(sequence[0][1])
+    prepare_for_hotswap(model, MAX_RANK)
+    before = parameter_identity(model)
+    compiled = torch.compile(model, backend="eager")
+
+    with CompileWatcher() as watch:
+        with watch.warmup(arch.name):
+            first = arch.run(compiled)
+        guard_failures = _guard_failures()
+        torch.testing.assert_close(first, arch.run(arch.with_lora(sequence[0][1])))
+        for label, path in sequence[1:]:
+            watch.step(label)
+            hotswap(compiled, path)
+            out = arch.run(compiled)
+            expected = arch.run(arch.with_lora(path))
+            torch.testing.assert_close(out, expected, msg=lambda m, label=label: f"{label}: {m}")
+            assert not torch.allclose(out, first) or label == "A again"
+
+    assert torch.equal(out, first), "A -> ... -> A must give the first A's output exactly"
+    assert [e.step for e in watch.events if not (e.step or "").startswith("warmup")] == []
+    assert _guard_failures() == guard_failures
+    watch.assert_no_recompile()
+    assert parameter_identity(model) == before
+
+
+@pytest.mark.parametrize("arch", list(ARCHS.values()), ids=list(ARCHS))
+def test_negative_control_same_swaps_without_prepare_recompile(arch: Arch, tmp_path) -> None:
+    """diffusers + PEFT hotswap on an unpadded model: rank and alpha changes reach dynamo's guards."""
+    sequence = _sequence(arch, tmp_path)
+    model = arch.with_lora(sequence[0][1])
+    compiled = torch.compile(model, backend="eager")
+    with CompileWatcher() as watch:
+        with watch.warmup(arch.name):
+            arch.run(compiled)
+        watch.step(sequence[1][0])
+        model.load_lora_adapter(
+            str(sequence[1][1]),
+            prefix=arch.prefix,
+            adapter_name="default",
+            hotswap=True,
+            use_safetensors=True,
+        )
+        arch.run(compiled)
+    assert watch.recompiles >= 1
+    recompile = next(e for e in watch.events if e.kind == "recompile")
+    assert recompile.step == "rank 8, alpha 2"
+    reasons = "\n".join(recompile.reasons)
+    # alpha 4 -> 2 fails the float guard on the scaling, rank 4 -> 8 the lora_A size guard
+    assert "scaling['default'] == 1.0" in reasons or "size mismatch" in reasons, reasons
+
+
+def test_set_lora_scale_matches_diffusers_scale_and_survives_a_swap(tmp_path) -> None:
+    arch = ARCHS["flux"]
+    first = make_lora(arch.build(), tmp_path, rank=4, alpha=8, seed=10)
+    second = make_lora(arch.build(), tmp_path, rank=8, alpha=4, targets="half", seed=11)
+    model = arch.with_lora(first)
+    prepare_for_hotswap(model, MAX_RANK)
+    compiled = torch.compile(model, backend="eager")
+    with CompileWatcher() as watch:
+        with watch.warmup(arch.name):
+            arch.run(compiled)
+        watch.step("strength 0.5")
+        set_lora_scale(compiled, 0.5)
+        torch.testing.assert_close(arch.run(compiled), arch.run(arch.with_lora(first), scale=0.5))
+        watch.step("hotswap keeps strength 0.5")
+        hotswap(compiled, second)
+        torch.testing.assert_close(arch.run(compiled), arch.run(arch.with_lora(second), scale=0.5))
+        watch.step("strength 1.0")
+        set_lora_scale(compiled, 1.0)
+        torch.testing.assert_close(arch.run(compiled), arch.run(arch.with_lora(second)))
+    watch.assert_no_recompile()
+
+
+def test_prepare_keeps_outputs_and_is_idempotent(tmp_path) -> None:
+    arch = ARCHS["unet"]
+    path = make_lora(arch.build(), tmp_path, rank=4, alpha=3)
+    model = arch.with_lora(path)
+    before = arch.run(model)
+    index = prepare_for_hotswap(model, MAX_RANK)
+    torch.testing.assert_close(arch.run(model), before)
+    assert prepare_for_hotswap(model, MAX_RANK) is index
+    layers = [m for m in model.modules() if "default" in getattr(m, "lora_A", {})]
+    assert {m.lora_A["default"].weight.shape[0] for m in layers} == {MAX_RANK}
+    assert all(isinstance(m.scaling["default"], torch.Tensor) for m in layers)
+    assert all(m.scaling["default"].dim() == 0 for m in layers)
+    assert len(index.slots) == len(layers) == len(lora_targets(model))
+
+
+@pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1")
+def test_grouped_conv_lora_is_padded_per_group_and_swaps_exactly(tmp_path) -> None:
+    """PEFT's grouped-conv LoRA reads the rank dimension in per-group blocks."""
+    import safetensors.torch
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    def grouped(rank: int, alpha: float, seed: int = 0) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1, groups=2))
+        torch.manual_seed(seed)
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], init_lora_weights=False)
+        return inject_adapter_in_model(config, model).eval()
+
+    x = torch.randn(1, 4, 6, 6)
+    model = grouped(rank=2, alpha=2, seed=1)
+    path = make_lora(grouped(rank=2, alpha=2), tmp_path, rank=4, alpha=3, seed=2)
+    expected = grouped(rank=4, alpha=3)
+    tensors = safetensors.torch.load_file(path)
+    set_peft_model_state_dict(
+        expected, {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    )
+    with torch.no_grad():
+        before = model(x)
+        prepare_for_hotswap(model, 8)
+        torch.testing.assert_close(model(x), before)
+        hotswap(model, path)
+        torch.testing.assert_close(model(x), expected(x))
+        assert not torch.allclose(model(x), before)
+
+
+def test_pipeline_and_every_adapter_format_give_the_same_swap(tmp_path) -> None:
+    """A pipeline finds its UNet; kohya files, diffusers files and PEFT state dicts all convert."""
+    import safetensors.torch
+
+    from pytest_hotswap import pipelines
+
+    first = make_lora("sd", tmp_path / "first.safetensors", rank=4)
+    kwargs = {"rank": 8, "alpha": 2, "targets": "half", "seed": 5}
+    as_diffusers = make_lora("sd", tmp_path / "next.safetensors", **kwargs)
+    as_kohya = make_lora("sd", tmp_path / "next_kohya.safetensors", fmt="kohya", **kwargs)
+    # PEFT keys without a component prefix, as model.save_lora_adapter writes them (no alpha:
+    # a state dict carries none, so this one is made with alpha = rank).
+    peft_state = {
+        k.removeprefix("unet."): v
+        for k, v in safetensors.torch.load_file(
+            make_lora("sd", tmp_path / "peft.safetensors", rank=8, targets="half", seed=5)
+        ).items()
+    }
+
+    def fresh_output(path) -> torch.Tensor:
+        pipe = pipelines.build_tiny_sd_pipeline()
+        pipe.load_lora_weights(str(path), adapter_name="default")
+        return pipe(**pipelines.sd_call_kwargs())[0]
+
+    pipe = pipelines.build_tiny_sd_pipeline()
+    pipe.load_lora_weights(str(first), adapter_name="default")
+    prepare_for_hotswap(pipe, MAX_RANK)
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    expected = fresh_output(as_diffusers)
+    for adapter in (as_diffusers, as_kohya):
+        hotswap(pipe, adapter)
+        torch.testing.assert_close(pipe(**pipelines.sd_call_kwargs())[0], expected)
+    hotswap(pipe, peft_state)
+    torch.testing.assert_close(
+        pipe(**pipelines.sd_call_kwargs())[0], fresh_output(tmp_path / "peft.safetensors")
+    )

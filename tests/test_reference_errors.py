@@ -1,0 +1,376 @@
+"""Refusals of the reference hotswap: the right error, a message that says what to do, and a
+model left bit-for-bit as it was, still running its compiled code without recompiling."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference_support import ARCHS, model_checksum, quiet_diffusers
+
+from pytest_hotswap.adapters import lora_targets, make_lora
+from pytest_hotswap.reference import (
+    AdapterNotFoundError,
+    AlreadyCompiledError,
+    HotswapError,
+    InvalidAdapterError,
+    NotPreparedError,
+    RankTooLargeError,
+    ShapeMismatchError,
+    TextEncoderLoraError,
+    UnexpectedTargetsError,
+    hotswap,
+    prepare_for_hotswap,
+)
+from pytest_hotswap.watch import CompileWatcher
+
+MAX_RANK = 8
+UNET = ARCHS["unet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _setup():
+    from diffusers.utils import logging
+
+    before = quiet_diffusers()
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+    logging.set_verbosity(before)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """The first adapter targets half the UNet's layers, so "all" is a superset."""
+    directory = tmp_path_factory.mktemp("adapters")
+    unet = UNET.build()
+    return {
+        "first": make_lora(unet, directory / "first.safetensors", rank=4, targets="half"),
+        "ok": make_lora(unet, directory / "ok.safetensors", rank=MAX_RANK, targets="half", seed=1),
+        "superset": make_lora(unet, directory / "all.safetensors", rank=4, seed=2),
+        "rank_over": make_lora(
+            unet, directory / "r16.safetensors", rank=16, targets="half", seed=3
+        ),
+        "text_encoder": make_lora("sd", directory / "te.safetensors", rank=4, text_encoder=True),
+        "kohya_te": make_lora(
+            "sd", directory / "kohya_te.safetensors", targets="half", text_encoder=True, fmt="kohya"
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def served(files):
+    """A prepared, compiled and warmed-up UNet: (eager model, compiled model, first output)."""
+    model = UNET.with_lora(files["first"])
+    prepare_for_hotswap(model, MAX_RANK)
+    compiled = torch.compile(model, backend="eager")
+    with CompileWatcher() as watch, watch.warmup("unet"):
+        out = UNET.run(compiled)
+    return model, compiled, out
+
+
+@pytest.fixture(scope="module")
+def first_state(files) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(files["first"])
+
+
+def _assert_refused_untouched(served, call: Callable[[], object], error: type, match: str) -> None:
+    model, compiled, out = served
+    checksum = model_checksum(model)
+    with pytest.raises(error, match=match):
+        call()
+    assert model_checksum(model) == checksum
+    with CompileWatcher() as watch:
+        again = UNET.run(compiled)
+    assert watch.compiles == 0
+    assert torch.equal(again, out)
+
+
+def _edited(
+    state: dict[str, torch.Tensor], key: str, tensor: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    return {**state, key: tensor}
+
+
+def _a_key(state: dict[str, torch.Tensor], part: str = "A", conv: bool = False) -> str:
+    return next(k for k in sorted(state) if f".lora_{part}." in k and (state[k].dim() == 4) == conv)
+
+
+def test_the_served_model_swaps_fine(served, files) -> None:
+    """Positive control for the refusals below: a valid adapter goes through."""
+    model, compiled, out = served
+    checksum = model_checksum(model)
+    hotswap(compiled, files["ok"])
+    assert model_checksum(model) != checksum
+    with CompileWatcher() as watch:
+        assert not torch.equal(UNET.run(compiled), out)
+    assert watch.compiles == 0
+    hotswap(compiled, files["first"])
+    assert model_checksum(model) == checksum
+
+
+def test_rank_above_max_names_key_rank_and_max(served, files) -> None:
+    _assert_refused_untouched(
+        served,
+        lambda: hotswap(served[1], files["rank_over"]),
+        RankTooLargeError,
+        r"lora_A\.weight: rank 16 is above max_rank=8; prepare the model with max_rank >= 16",
+    )
+
+
+def test_superset_targets_are_listed(served, files) -> None:
+    _assert_refused_untouched(
+        served,
+        lambda: hotswap(served[1], files["superset"]),
+        UnexpectedTargetsError,
+        r"keys of the new adapter have no prepared LoRA layer: \['",
+    )
+
+
+def test_wrong_component_prefix_is_an_unexpected_target(served, first_state) -> None:
+    state = {**first_state, "transformer.x_embedder.lora_A.weight": torch.zeros(4, 4)}
+    _assert_refused_untouched(
+        served, lambda: hotswap(served[1], state), UnexpectedTargetsError, "transformer.x_embedder"
+    )
+
+
+@pytest.mark.parametrize("name", ["text_encoder", "kohya_te"])
+def test_text_encoder_keys_in_any_naming(served, files, name) -> None:
+    _assert_refused_untouched(
+        served,
+        lambda: hotswap(served[1], files[name]),
+        TextEncoderLoraError,
+        "text-encoder keys .* only the denoiser is hotswapped",
+    )
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv2d"])
+def test_wrong_non_rank_dimension_names_key_and_shapes(served, first_state, conv) -> None:
+    key = _a_key(first_state, conv=conv)
+    tensor = first_state[key]
+    bad = torch.zeros(tensor.shape[0], tensor.shape[1] + 1, *tensor.shape[2:])
+    _assert_refused_untouched(
+        served,
+        lambda: hotswap(served[1], _edited(first_state, key, bad)),
+        ShapeMismatchError,
+        rf"{key.removeprefix('unet.')}: expected shape \(rank, {tensor.shape[1]}",
+    )
+
+
+def test_lora_B_rank_must_match_lora_A(served, first_state) -> None:
+    key = _a_key(first_state, part="B")
+    bad = torch.zeros(first_state[key].shape[0], 3)
+    _assert_refused_untouched(
+        served,
+        lambda: hotswap(served[1], _edited(first_state, key, bad)),
+        ShapeMismatchError,
+        r"lora_B\.weight: expected shape \(\d+, 4\) \(rank 4 from lora_A\)",
+    )
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_values(served, first_state, value) -> None:
+    key = _a_key(first_state, part="B")
+    bad = first_state[key].clone()
+    bad[0, 0] = value
+    _assert_refused_untouched(
+        served,
+        lambda: hotswap(served[1], _edited(first_state, key, bad)),
+        InvalidAdapterError,
+        rf"{key.removeprefix('unet.')} has non-finite values",
+    )
+
+
+def test_values_that_overflow_the_model_dtype(served, first_state) -> None:
+    key = _a_key(first_state)
+    bad = first_state[key].double()
+    bad[0, 0] = 1e300  # finite in float64, inf once cast to the model's float32
+    _assert_refused_untouched(
+        served,
+        lambda: hotswap(served[1], _edited(first_state, key, bad)),
+        InvalidAdapterError,
+        "too large for torch.float32",
+    )
+
+
+def test_integer_weights(served, first_state) -> None:
+    key = _a_key(first_state)
+    bad = first_state[key].to(torch.int32)
+    _assert_refused_untouched(
+        served,
+        lambda: hotswap(served[1], _edited(first_state, key, bad)),
+        InvalidAdapterError,
+        "dtype torch.int32; LoRA weights are floating point",
+    )
+
+
+def test_pickle_and_bin_files_are_refused(served, first_state, tmp_path) -> None:
+    path = tmp_path / "adapter.bin"
+    with path.open("wb") as handle:
+        pickle.dump(first_state, handle)
+    _assert_refused_untouched(
+        served, lambda: hotswap(served[1], path), InvalidAdapterError, "only .safetensors"
+    )
+
+
+def test_truncated_and_missing_files(served, files, tmp_path) -> None:
+    data = files["ok"].read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    _assert_refused_untouched(
+        served, lambda: hotswap(served[1], truncated), InvalidAdapterError, "truncated or corrupt"
+    )
+    _assert_refused_untouched(
+        served,
+        lambda: hotswap(served[1], tmp_path / "nope.safetensors"),
+        InvalidAdapterError,
+        "no such file",
+    )
+
+
+def test_half_a_layer(served, first_state) -> None:
+    key = _a_key(first_state, part="B")
+    state = {k: v for k, v in first_state.items() if k != key}
+    _assert_refused_untouched(
+        served,
+        lambda: hotswap(served[1], state),
+        InvalidAdapterError,
+        "has no lora_B.weight for this layer",
+    )
+
+
+@pytest.mark.parametrize("name", ["defaul", "default_0", "Default"])
+def test_adapter_name_must_match_exactly(served, files, name) -> None:
+    _assert_refused_untouched(
+        served,
+        lambda: hotswap(served[1], files["ok"], adapter_name=name),
+        AdapterNotFoundError,
+        rf"no adapter named '{name}' is prepared .*prepared: \['default'\]",
+    )
+
+
+def test_prepare_on_a_compiled_model(served, files) -> None:
+    _assert_refused_untouched(
+        served,
+        lambda: prepare_for_hotswap(served[1], MAX_RANK),
+        AlreadyCompiledError,
+        "call prepare_for_hotswap before torch.compile",
+    )
+    model = UNET.with_lora(files["first"])
+    model.compile(backend="eager")
+    checksum = model_checksum(model)
+    with pytest.raises(AlreadyCompiledError):
+        prepare_for_hotswap(model, MAX_RANK)
+    assert model_checksum(model) == checksum
+
+
+def test_prepare_again_with_another_max_rank(served) -> None:
+    _assert_refused_untouched(
+        served,
+        lambda: prepare_for_hotswap(served[0], 2 * MAX_RANK),
+        HotswapError,
+        "already prepared with max_rank=8",
+    )
+
+
+def test_unprepared_and_lora_free_models(files) -> None:
+    loaded = UNET.with_lora(files["first"])
+    checksum = model_checksum(loaded)
+    with pytest.raises(NotPreparedError, match="call prepare_for_hotswap"):
+        hotswap(loaded, files["ok"])
+    with pytest.raises(AdapterNotFoundError, match=r"loaded: \['default'\]"):
+        prepare_for_hotswap(loaded, MAX_RANK, adapter_name="default_0")
+    with pytest.raises(
+        RankTooLargeError, match="rank 4, above max_rank=2; prepare with max_rank >= 4"
+    ):
+        prepare_for_hotswap(loaded, 2)
+    assert model_checksum(loaded) == checksum
+    with pytest.raises(NotPreparedError, match="has no LoRA loaded"):
+        prepare_for_hotswap(UNET.build(), MAX_RANK)
+
+
+# -- property: any malformed adapter is a HotswapError and leaves the model untouched ----------
+
+_TEXT_ENCODER_KEYS = [
+    "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+    "text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+    "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+]
+
+
+_DEFECTS = st.lists(
+    st.tuples(
+        st.sampled_from(["shape", "extra", "nan", "rank", "text_encoder", "dtype"]),
+        st.integers(0, 10**6),  # picks the key (and anything else the defect needs)
+        st.integers(1, 8),  # how large the defect is
+    ),
+    min_size=1,
+    max_size=3,
+)
+_CARRIERS = st.tuples(
+    st.sampled_from(["dict", "file", "truncated"]), st.floats(0, 1, exclude_max=True)
+)
+
+
+def _malformed(
+    state: dict[str, torch.Tensor], targets: list[str], defects: list[tuple[str, int, int]]
+) -> dict[str, torch.Tensor]:
+    """A valid adapter (diffusers keys) with ``defects`` applied one after the other."""
+    state = dict(state)
+    for kind, pick, size in defects:
+        keys = sorted(state)
+        key = keys[pick % len(keys)]
+        tensor = state[key]
+        if kind == "shape":
+            shape = list(tensor.shape)
+            shape[1 + pick % (tensor.dim() - 1) if ".lora_A." in key else 0] += size
+            state[key] = torch.zeros(shape)
+        elif kind == "extra":
+            name = [*targets, "no_such.layer"][pick % (len(targets) + 1)]
+            state[f"unet.{name}.lora_Z.weight"] = torch.zeros(2, 2)
+        elif kind == "nan":
+            state[key] = torch.full(
+                tensor.shape, (float("nan"), float("inf"), -float("inf"))[size % 3]
+            )
+        elif kind == "rank":
+            layers = sorted({k.rsplit(".lora_", 1)[0] for k in keys if ".lora_A." in k})
+            layer, rank = layers[pick % len(layers)], MAX_RANK + size
+            a, b = state[f"{layer}.lora_A.weight"], state.get(f"{layer}.lora_B.weight", tensor)
+            state[f"{layer}.lora_A.weight"] = torch.zeros(rank, *a.shape[1:])
+            state[f"{layer}.lora_B.weight"] = torch.zeros(b.shape[0], rank, *b.shape[2:])
+        elif kind == "text_encoder":
+            state[_TEXT_ENCODER_KEYS[pick % len(_TEXT_ENCODER_KEYS)]] = torch.zeros(4, 32)
+        else:
+            state[key] = tensor.to((torch.int64, torch.bool, torch.complex64)[size % 3])
+    return state
+
+
+def test_any_malformed_adapter_is_a_hotswap_error_and_changes_nothing(
+    served, first_state, tmp_path_factory
+) -> None:
+    model, _, _ = served
+    compiled = served[1]
+    checksum = model_checksum(model)
+    targets = lora_targets(UNET.build())
+    directory = tmp_path_factory.mktemp("malformed")
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(defects=_DEFECTS, carrier=_CARRIERS)
+    def check(defects: list[tuple[str, int, int]], carrier: tuple[str, float]) -> None:
+        adapter: dict[str, torch.Tensor] | Path = _malformed(first_state, targets, defects)
+        how, cut = carrier
+        if how != "dict":
+            data = safetensors.torch.save({k: v.contiguous() for k, v in adapter.items()})
+            adapter = directory / "adapter.safetensors"
+            adapter.write_bytes(data[: int(cut * len(data))] if how == "truncated" else data)
+        with pytest.raises(HotswapError):
+            hotswap(compiled, adapter)
+        assert model_checksum(model) == checksum
+
+    check()
