@@ -11,27 +11,36 @@ import pytest
 
 if TYPE_CHECKING:
     from pytest_hotswap.options import HotswapOptions
+    from pytest_hotswap.pipelines import PipelineSpec
     from pytest_hotswap.watch import CompileEvent
 
 
 @pytest.hookspec(firstresult=True)
-def pytest_hotswap_build_pipeline(name: str, options: HotswapOptions) -> Any | None:
+def pytest_hotswap_build_pipeline(name: str, options: HotswapOptions) -> PipelineSpec | None:
     """Build the pipeline called ``name`` (one of ``--hotswap-pipelines``) instead of the tiny default.
 
     Return ``None`` to leave ``name`` to the next implementation (the built-in ``sd`` and ``flux``
-    builders run last). Return a ``pytest_hotswap.pipelines.PipelineSpec`` describing your model;
-    the fixtures then prepare it for hotswap, load the first adapter, quantize, compile and warm it
-    up exactly as for the tiny pipelines::
+    builders run last). Return a ``pytest_hotswap.pipelines.PipelineSpec``: the built model, not
+    yet adapted or compiled. The fixtures then prepare it for hotswap, load the first adapter,
+    quantize, compile and warm it up exactly as for the tiny pipelines. Without a diffusers
+    ``pipe``, adapters go through PEFT, so any ``nn.Module`` works::
 
         # conftest.py
+        import torch
         from pytest_hotswap.pipelines import PipelineSpec
 
         def pytest_hotswap_build_pipeline(name, options):
-            if name != "mymodel":
+            if name != "mlp":
                 return None
-            model = MyDenoiser().to(options.device)
-            return PipelineSpec(name="mymodel", pipe=None, denoiser=model,
-                                call=lambda pipe, denoiser, **kw: denoiser(torch.ones(1, 8)))
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(
+                torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)
+            ).to(options.device, getattr(torch, options.dtype))
+            x = torch.ones(2, 8, device=options.device, dtype=getattr(torch, options.dtype))
+            return PipelineSpec(name="mlp", denoiser=model, run=lambda: model(x))
+
+    Run with ``pytest --hotswap-pipelines=mlp``; ``lora_factory(hotswap_pipeline)`` writes
+    adapters for it.
     """
 
 

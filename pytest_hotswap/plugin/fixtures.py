@@ -1,0 +1,312 @@
+"""Fixtures for ready pipelines and adapter files, registered by the core plugin as "hotswap-fixtures".
+
+``hotswap_pipeline`` is parametrized over ``--hotswap-pipelines`` x ``--hotswap-implementations``
+(ids like ``sd-diffusers``). Built pipelines are cached for the session per distinct configuration,
+so a file of many tests compiles each configuration once; every test starts from the pipeline's
+first adapter, put back by a hotswap, not a recompile.
+
+Nothing heavy is imported at module level: torch and diffusers load when a fixture first runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from pytest_hotswap.options import HotswapOptions
+    from pytest_hotswap.pipelines import HotswapPipeline, PipelineSpec
+    from pytest_hotswap.watch import CompileWatcher
+
+MARKER = "hotswap"
+#: Keyword arguments of the ``hotswap`` marker; all but ``pipeline`` are option overrides.
+MARKER_KWARGS = ("pipeline", "max_rank", "backend", "quantize")
+#: Options that change what gets built: the key of the session cache.
+BUILD_OPTIONS = ("max_rank", "backend", "mode", "device", "dtype", "quantize")
+FIRST_ADAPTER_RANK = 8
+
+
+# --- Marker ----------------------------------------------------------------------------------
+
+
+def marker_overrides(node: pytest.Item) -> dict[str, Any]:
+    """The ``hotswap(...)`` marker's keyword arguments, validated; the closest marker wins."""
+    overrides: dict[str, Any] = {}
+    for mark in reversed(list(node.iter_markers(MARKER))):
+        if mark.args:
+            raise pytest.UsageError(
+                f"{node.nodeid}: @pytest.mark.hotswap takes keyword arguments only "
+                f"({', '.join(MARKER_KWARGS)}), got positional {mark.args!r}"
+            )
+        unknown = sorted(set(mark.kwargs) - set(MARKER_KWARGS))
+        if unknown:
+            raise pytest.UsageError(
+                f"{node.nodeid}: @pytest.mark.hotswap got unknown argument(s) {', '.join(unknown)}; "
+                f"accepted: {', '.join(MARKER_KWARGS)}"
+            )
+        overrides.update(mark.kwargs)
+    return overrides
+
+
+def _apply(options: HotswapOptions, overrides: dict[str, Any], where: str) -> HotswapOptions:
+    unknown = sorted(set(overrides) - set(BUILD_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"{where}: unknown override(s) {', '.join(unknown)}; accepted: {', '.join(BUILD_OPTIONS)}"
+        )
+    try:
+        return options.replace(**overrides)
+    except ValueError as error:
+        raise pytest.UsageError(f"{where}: {error}") from None
+
+
+def _options(config: pytest.Config) -> HotswapOptions:
+    from pytest_hotswap.plugin import OPTIONS_KEY
+
+    return config.stash[OPTIONS_KEY]
+
+
+# --- Parametrization -------------------------------------------------------------------------
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``hotswap_pipeline`` over pipelines x implementations, ids ``sd-diffusers``."""
+    if "hotswap_pipeline" not in metafunc.fixturenames:
+        return
+    options = _options(metafunc.config)
+    pipeline = marker_overrides(metafunc.definition).get("pipeline")
+    if pipeline is None:
+        names = options.pipelines
+    else:
+        names = (pipeline,) if isinstance(pipeline, str) else tuple(pipeline)
+    params = [(name, impl) for name in names for impl in options.implementations]
+    metafunc.parametrize(
+        "hotswap_pipeline", params, ids=[f"{n}-{i}" for n, i in params], indirect=True
+    )
+
+
+# --- Session state ---------------------------------------------------------------------------
+
+
+class LoraFactory:
+    """``lora_factory(target, rank=8, ...) -> Path``: ``make_lora`` into a session directory.
+
+    Files are cached per arguments, so asking twice for the same adapter writes it once.
+    ``target`` is a pipeline name ("sd", "flux"), a pipeline, a model or a ``HotswapPipeline``.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._files: dict[tuple[Any, ...], Path] = {}
+        self._targets: list[Any] = []  # keeps targets alive, so id() in a key stays unique
+
+    def __call__(
+        self,
+        target: Any,
+        rank: int = 8,
+        alpha: float | None = None,
+        targets: str | Sequence[str] = "all",
+        text_encoder: bool = False,
+        fmt: str = "diffusers",
+        seed: int = 0,
+    ) -> Path:
+        from pytest_hotswap.adapters import make_lora
+        from pytest_hotswap.pipelines import HotswapPipeline
+
+        if isinstance(target, HotswapPipeline):
+            target = target.spec.lora_target
+        chosen = targets if isinstance(targets, str) else tuple(targets)
+        key = (
+            target if isinstance(target, str) else id(target),
+            rank,
+            alpha,
+            chosen,
+            text_encoder,
+            fmt,
+            seed,
+        )
+        if key not in self._files:
+            self._targets.append(target)
+            folder = self.directory / f"{len(self._files):03d}"
+            self._files[key] = make_lora(
+                target, folder, rank, alpha, targets, text_encoder, fmt, seed
+            )
+        return self._files[key]
+
+
+@dataclasses.dataclass
+class PipelineCache:
+    """Built pipelines of the session, one per (name, implementation, build options).
+
+    A pipeline whose LoRA tensors a test re-shaped (a rank above max_rank through PEFT) is no
+    longer what its configuration says, so it is rebuilt instead of reused.
+    """
+
+    config: pytest.Config
+    loras: LoraFactory
+    _built: dict[tuple[Any, ...], HotswapPipeline | BaseException] = dataclasses.field(
+        default_factory=dict
+    )
+
+    def get(
+        self,
+        name: str,
+        implementation: str,
+        options: HotswapOptions,
+        first_targets: str | Sequence[str] = "all",
+    ) -> HotswapPipeline:
+        targets = first_targets if isinstance(first_targets, str) else tuple(first_targets)
+        key = (name, implementation, targets, *(getattr(options, f) for f in BUILD_OPTIONS))
+        cached = self._built.get(key)
+        if cached is None or (not isinstance(cached, BaseException) and cached.layout_changed()):
+            try:
+                self._built[key] = self._build(name, implementation, options, first_targets)
+            except Exception as error:  # a broken configuration fails each test, built once
+                self._built[key] = error
+        built = self._built[key]
+        if isinstance(built, BaseException):
+            raise built
+        return built
+
+    def discard(self, pipeline: HotswapPipeline) -> None:
+        """Forget ``pipeline``: the next request for its configuration builds a fresh one."""
+        self._built = {k: v for k, v in self._built.items() if v is not pipeline}
+
+    def _build(
+        self,
+        name: str,
+        implementation: str,
+        options: HotswapOptions,
+        first_targets: str | Sequence[str],
+    ) -> HotswapPipeline:
+        from pytest_hotswap import pipelines
+
+        pipelines.check_implementation(implementation)
+        pipelines.check_quantization(options.quantize, options.device)
+        spec = self.config.hook.pytest_hotswap_build_pipeline(name=name, options=options)
+        if spec is None:
+            raise pytest.UsageError(
+                f"--hotswap-pipelines: no pipeline named {name!r}; the built-in pipelines are "
+                f"{', '.join(pipelines.BUILTIN_SPECS)}, and a conftest can add others by "
+                "implementing pytest_hotswap_build_pipeline(name, options) -> PipelineSpec"
+            )
+        if not isinstance(spec, pipelines.PipelineSpec):
+            raise TypeError(
+                f"pytest_hotswap_build_pipeline returned {type(spec).__name__} for {name!r}; "
+                "return a pytest_hotswap.pipelines.PipelineSpec (or None for names it does not build)"
+            )
+        rank = min(FIRST_ADAPTER_RANK, options.max_rank)
+        first = self.loras(spec.lora_target, rank=rank, targets=first_targets)
+        return pipelines.build_hotswap_pipeline(spec, implementation, first, options)
+
+
+_CACHE_KEY = pytest.StashKey[PipelineCache]()
+
+
+def _cache(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> PipelineCache:
+    if _CACHE_KEY not in config.stash:
+        loras = LoraFactory(tmp_path_factory.mktemp("hotswap-loras"))
+        config.stash[_CACHE_KEY] = PipelineCache(config, loras)
+    return config.stash[_CACHE_KEY]
+
+
+# --- Fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def lora_factory(
+    pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> LoraFactory:
+    """``lora_factory(target, rank=8, alpha=None, targets="all", text_encoder=False,
+    fmt="diffusers", seed=0) -> Path``: a ``.safetensors`` adapter for a pipeline or model."""
+    return _cache(pytestconfig, tmp_path_factory).loras
+
+
+@dataclasses.dataclass
+class PipelineFactory:
+    """``hotswap_pipeline_factory(name, implementation="diffusers", **overrides)``: a ready pipeline.
+
+    Overrides (``max_rank``, ``backend``, ``mode``, ``device``, ``dtype``, ``quantize``) beat the
+    ``hotswap`` marker, which beats the command line; ``first_targets`` chooses the layers the
+    first adapter targets ("all", "half" or module names), e.g. to test a superset swap. The
+    pipeline comes from the session cache with its first adapter loaded, and describes itself in
+    the test's ``compile_watcher.context``.
+    """
+
+    cache: PipelineCache
+    options: HotswapOptions
+    watcher: CompileWatcher
+    where: str
+
+    def __call__(
+        self,
+        name: str,
+        implementation: str = "diffusers",
+        *,
+        first_targets: str | Sequence[str] = "all",
+        **overrides: Any,
+    ) -> HotswapPipeline:
+        options = _apply(self.options, overrides, self.where)
+        pipeline = self.cache.get(name, implementation, options, first_targets)
+        pipeline.restore_first_adapter()
+        self.watcher.context.update(
+            pipeline=name,
+            implementation=implementation,
+            backend=options.backend,
+            device=options.device,
+            quantize=options.quantize,
+            max_rank=options.max_rank,
+        )
+        return pipeline
+
+    def discard(self, pipeline: HotswapPipeline) -> None:
+        """Drop ``pipeline`` from the session cache, after a test that may have broken it."""
+        self.cache.discard(pipeline)
+
+
+@pytest.fixture
+def hotswap_pipeline_factory(
+    request: pytest.FixtureRequest,
+    hotswap_options: HotswapOptions,
+    compile_watcher: CompileWatcher,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> PipelineFactory:
+    """``hotswap_pipeline_factory(name, implementation="diffusers", **overrides)``: a ready pipeline
+    from the session cache; ``.discard(pipeline)`` drops one a test may have broken."""
+    where = request.node.nodeid
+    marked = {k: v for k, v in marker_overrides(request.node).items() if k != "pipeline"}
+    options = _apply(hotswap_options, marked, where)
+    return PipelineFactory(
+        _cache(request.config, tmp_path_factory), options, compile_watcher, where
+    )
+
+
+@pytest.fixture
+def hotswap_pipeline(
+    request: pytest.FixtureRequest, hotswap_pipeline_factory: PipelineFactory
+) -> HotswapPipeline:
+    """A ready pipeline for one (pipeline, implementation) pair of the parametrization."""
+    param = getattr(request, "param", None)
+    if param is None:
+        raise pytest.UsageError(
+            f"{request.node.nodeid}: hotswap_pipeline is parametrized by pytest-hotswap's "
+            "pytest_generate_tests; request it as a test argument, or use hotswap_pipeline_factory"
+        )
+    name, implementation = param
+    return hotswap_pipeline_factory(name, implementation)
+
+
+# --- Default hook implementation -------------------------------------------------------------
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_hotswap_build_pipeline(name: str, options: HotswapOptions) -> PipelineSpec | None:
+    """The tiny built-in pipelines ("sd", "flux"); ``None`` for any other name."""
+    from pytest_hotswap.pipelines import BUILTIN_SPECS
+
+    builder = BUILTIN_SPECS.get(name)
+    return None if builder is None else builder(options)

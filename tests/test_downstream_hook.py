@@ -1,0 +1,131 @@
+"""A downstream repo: its conftest builds its own model (a plain nn.Module, not diffusers) through
+``pytest_hotswap_build_pipeline``, and its tests use the fixtures and markers unchanged."""
+
+from __future__ import annotations
+
+import pytest
+
+CONFTEST = """
+import torch
+
+from pytest_hotswap.pipelines import PipelineSpec
+
+
+class TinyDenoiser(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj_in = torch.nn.Linear(8, 32)
+        self.mid = torch.nn.Linear(32, 32)
+        self.proj_out = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.proj_out(torch.relu(self.mid(torch.relu(self.proj_in(x)))))
+
+
+def pytest_hotswap_build_pipeline(name, options):
+    if name == "broken":
+        return {"denoiser": TinyDenoiser()}
+    if name != "tiny":
+        return None
+    torch.manual_seed(0)
+    dtype = getattr(torch, options.dtype)
+    model = TinyDenoiser().to(options.device, dtype)
+    x = torch.ones(2, 8, device=options.device, dtype=dtype)
+    return PipelineSpec(name="tiny", denoiser=model, run=lambda: model(x), inputs=lambda: {"x": x})
+"""
+
+TESTS = """
+import pytest
+import torch
+
+from peft.tuners.lora import LoraLayer
+
+
+@pytest.mark.no_recompile
+def test_swaps(hotswap_pipeline, lora_factory):
+    assert hotswap_pipeline.pipe is None
+    assert isinstance(hotswap_pipeline.denoiser.mid, LoraLayer)
+    first = hotswap_pipeline.run()
+    seen = [first]
+    for rank, alpha, targets in [(4, 2, "all"), (16, 3, "all"), (32, 8, "all"), (4, 4, ["mid"])]:
+        hotswap_pipeline.swap(lora_factory(hotswap_pipeline, rank, alpha, targets, seed=rank))
+        seen.append(hotswap_pipeline.run())
+    assert len({round(float(out.sum()), 5) for out in seen}) == len(seen)
+    assert torch.equal(hotswap_pipeline.denoise(), hotswap_pipeline.run())
+
+
+@pytest.mark.no_recompile
+@pytest.mark.hotswap(max_rank=8)
+def test_marker_max_rank_is_built_separately(hotswap_pipeline, lora_factory):
+    assert hotswap_pipeline.max_rank == 8
+    hotswap_pipeline.swap(lora_factory(hotswap_pipeline, rank=8, seed=1))
+    hotswap_pipeline.run()
+
+
+@pytest.mark.no_recompile
+@pytest.mark.hotswap(max_rank=8)
+def test_rank_above_the_marker_max_rank(hotswap_pipeline, lora_factory):
+    hotswap_pipeline.swap(lora_factory(hotswap_pipeline, rank=16, seed=2))
+    hotswap_pipeline.run()
+
+
+@pytest.mark.no_recompile
+@pytest.mark.hotswap(max_rank=8)
+def test_next_test_gets_an_intact_pipeline(hotswap_pipeline, lora_factory):
+    assert hotswap_pipeline.denoiser.mid.lora_A["default"].weight.shape[0] == 8  # padded to max
+    hotswap_pipeline.swap(lora_factory(hotswap_pipeline, rank=8, seed=3))
+    hotswap_pipeline.run()
+
+
+def test_factory_caches_and_discards(hotswap_pipeline_factory):
+    first = hotswap_pipeline_factory("tiny", "reference", max_rank=4)
+    assert hotswap_pipeline_factory("tiny", "reference", max_rank=4) is first
+    hotswap_pipeline_factory.discard(first)
+    rebuilt = hotswap_pipeline_factory("tiny", "reference", max_rank=4)
+    assert rebuilt is not first and rebuilt.max_rank == 4
+    assert torch.equal(rebuilt.run(), first.run())
+    only_mid = hotswap_pipeline_factory("tiny", "reference", max_rank=4, first_targets=["mid"])
+    assert only_mid is not rebuilt
+    assert isinstance(only_mid.denoiser.mid, LoraLayer)
+    assert not isinstance(only_mid.denoiser.proj_in, LoraLayer)
+
+
+@pytest.mark.hotswap(pipeline="broken")
+def test_hook_returning_something_else(hotswap_pipeline):
+    pass
+"""
+
+
+def test_downstream_conftest_builds_a_plain_module(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_downstream=TESTS)
+    result = pytester.runpytest_subprocess(
+        "--hotswap-pipelines=tiny",
+        "--hotswap-backend=eager",
+        "--hotswap-max-rank=32",
+        "-p",
+        "no:cacheprovider",
+        "-v",
+    )
+    result.stdout.fnmatch_lines_random(
+        [
+            "*test_swaps?tiny-diffusers? PASSED*",
+            "*test_swaps?tiny-reference? PASSED*",
+            "*test_marker_max_rank_is_built_separately?tiny-diffusers? PASSED*",
+            "*test_marker_max_rank_is_built_separately?tiny-reference? PASSED*",
+            # The negative control: PEFT grows the tensors, dynamo recompiles, the marker fails it.
+            "*test_rank_above_the_marker_max_rank?tiny-diffusers? FAILED*",
+            "no_recompile: 1 recompile (none allowed)",
+            "recompile after step *hotswap #*(rank 16)*",
+            "*guard: *mid.lora_A.default.weight*",
+            # The reference refuses the adapter instead, naming the ranks.
+            "*test_rank_above_the_marker_max_rank?tiny-reference? FAILED*",
+            "*RankTooLargeError: *rank 16 is above max_rank=8*",
+            # The diffusers pipeline the control re-shaped is rebuilt, not reused with recompiles.
+            "*test_next_test_gets_an_intact_pipeline?tiny-diffusers? PASSED*",
+            "*test_next_test_gets_an_intact_pipeline?tiny-reference? PASSED*",
+            "*test_factory_caches_and_discards PASSED*",
+            "*returned dict for 'broken'; return a pytest_hotswap.pipelines.PipelineSpec*",
+        ]
+    )
+    result.assert_outcomes(passed=7, failed=2, errors=2)

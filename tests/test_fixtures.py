@@ -1,0 +1,182 @@
+"""The pipeline and adapter fixtures end to end, through pytester in fresh processes.
+
+Each run is a subprocess: torch's compile caches are process-global, and every diffusers model
+compiles the same frame, so only a fresh process shows what one session compiles.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+SWAPS = """
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def record(request, compile_watcher):
+    yield
+    with open("records.jsonl", "a") as f:
+        f.write(json.dumps({
+            "test": request.node.name,
+            "compiles": compile_watcher.compiles,
+            "recompiles": compile_watcher.recompiles,
+            "context": compile_watcher.context,
+            "steps": [step.label for step in compile_watcher.steps],
+        }) + "\\n")
+
+
+@pytest.mark.no_recompile
+def test_swap_sequence(hotswap_pipeline, lora_factory):
+    max_rank = hotswap_pipeline.max_rank
+    first = hotswap_pipeline.run()
+    outputs = []
+    for rank, alpha, targets in [(4, 2, "all"), (16, 64, "all"), (max_rank, 8, "all"), (4, 4, "half")]:
+        hotswap_pipeline.swap(lora_factory(hotswap_pipeline, rank, alpha, targets, seed=rank))
+        outputs.append(hotswap_pipeline.run())
+    assert all(not torch.allclose(first, out) for out in outputs)
+
+
+@pytest.mark.no_recompile
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_each_test_starts_from_the_first_adapter(hotswap_pipeline, lora_factory, seed):
+    out = hotswap_pipeline.run()
+    torch.save(out, f"first-{hotswap_pipeline.name}-{hotswap_pipeline.implementation}-{seed}.pt")
+    hotswap_pipeline.swap(lora_factory(hotswap_pipeline.name, rank=4, seed=seed))
+    assert not torch.equal(hotswap_pipeline.run(), out)
+"""
+
+
+def _records(pytester: pytest.Pytester) -> list[dict]:
+    return [json.loads(line) for line in (pytester.path / "records.jsonl").read_text().splitlines()]
+
+
+def test_swaps_without_recompile_and_one_compile_per_configuration(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_swaps=SWAPS)
+    result = pytester.runpytest_subprocess(
+        "--hotswap-backend=eager", "--hotswap-max-rank=32", "-p", "no:cacheprovider", "-v"
+    )
+    result.assert_outcomes(passed=16)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_swap_sequence?sd-diffusers? PASSED*",
+            "*test_swap_sequence?sd-reference? PASSED*",
+            "*test_swap_sequence?flux-diffusers? PASSED*",
+            "*test_swap_sequence?flux-reference? PASSED*",
+        ]
+    )
+    records = _records(pytester)
+    configs = {(r["context"]["pipeline"], r["context"]["implementation"]) for r in records}
+    assert configs == {(p, i) for p in ("sd", "flux") for i in ("diffusers", "reference")}
+    for pipeline in ("sd", "flux"):
+        # Built, compiled and warmed up in its first test's setup; all later tests reuse it. The
+        # reference build compiles nothing new: same shapes, so it shares diffusers' cache entry.
+        mine = [r for r in records if r["context"]["pipeline"] == pipeline]
+        assert len(mine) == 8
+        assert mine[0]["compiles"] == 1, mine[0]
+        assert sum(r["compiles"] for r in mine) == 1
+    assert all(r["recompiles"] == 0 for r in records)
+    assert records[0]["context"] == {
+        "pipeline": "sd",
+        "implementation": "diffusers",
+        "backend": "eager",
+        "device": "cpu",
+        "quantize": "none",
+        "max_rank": 32,
+    }
+    swap_steps = [s for r in records for s in r["steps"] if s.startswith("hotswap #")]
+    assert any("(rank 16)" in s for s in swap_steps)
+    assert any(s.startswith("restore first adapter") for r in records for s in r["steps"])
+    # Every test saw the first adapter's output, whatever the previous test swapped in.
+    import torch
+
+    for pipeline, implementation in configs:
+        first = [
+            torch.load(pytester.path / f"first-{pipeline}-{implementation}-{s}.pt")
+            for s in (1, 2, 3)
+        ]
+        assert torch.equal(first[0], first[1])
+        assert torch.equal(first[0], first[2])
+
+
+FAILURES = """
+import pytest
+
+
+@pytest.mark.no_recompile
+def test_rank_above_max_recompiles(hotswap_pipeline, lora_factory):
+    hotswap_pipeline.swap(lora_factory(hotswap_pipeline, rank=2 * hotswap_pipeline.max_rank))
+    hotswap_pipeline.run()
+
+
+@pytest.mark.hotswap(max_rank=16)
+def test_marker_overrides_max_rank(hotswap_pipeline, hotswap_options):
+    assert hotswap_options.max_rank == 32
+    assert hotswap_pipeline.max_rank == 16
+
+
+@pytest.mark.hotswap(pipeline="sdxl")
+def test_unknown_pipeline(hotswap_pipeline):
+    pass
+
+
+@pytest.mark.hotswap(quantize="float8-dynamic")
+def test_float8_dynamic_on_cpu(hotswap_pipeline):
+    pass
+
+
+def test_lora_factory_caches_per_arguments(lora_factory):
+    first = lora_factory("flux", rank=4)
+    written = first.stat().st_mtime_ns
+    assert lora_factory("flux", rank=4) == first
+    assert first.stat().st_mtime_ns == written
+    other = lora_factory("flux", rank=4, seed=1)
+    assert other != first and other.suffix == ".safetensors"
+    assert other.read_bytes() != first.read_bytes()
+
+
+def test_factory_refuses_unknown_override(hotswap_pipeline_factory):
+    with pytest.raises(TypeError, match="unknown override.*rank"):
+        hotswap_pipeline_factory("flux", "diffusers", rank=4)
+"""
+
+BAD_MARKER = """
+import pytest
+
+
+@pytest.mark.hotswap(pipelines="flux")
+def test_typo(hotswap_pipeline):
+    pass
+"""
+
+
+def test_recompile_is_caught_and_bad_configurations_are_clear(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_failures=FAILURES, test_bad_marker=BAD_MARKER)
+    result = pytester.runpytest_subprocess(
+        "--hotswap-backend=eager",
+        "--hotswap-max-rank=32",
+        "--hotswap-pipelines=flux",
+        "--hotswap-implementations=diffusers",
+        "--continue-on-collection-errors",
+        "-p",
+        "no:cacheprovider",
+    )
+    result.assert_outcomes(passed=3, failed=1, errors=3)
+    result.stdout.fnmatch_lines_random(
+        [
+            # The negative control: a real recompile, with the swap it followed and dynamo's guard.
+            "*no_recompile*",
+            "*after step*hotswap #1: *(rank 64)*",
+            "*lora_A*",
+            # Clear errors for what cannot be built.
+            "*no pipeline named 'sdxl'; the built-in pipelines are sd, flux*",
+            "*float8-dynamic*compute capability >= 8.9*",
+            "*@pytest.mark.hotswap got unknown argument(s) pipelines; accepted: pipeline, max_rank*",
+        ]
+    )
