@@ -20,6 +20,8 @@ class LoraSlot:
 
     ``rank`` and ``base_scaling`` describe the adapter currently written into the slot
     (``rank == 0``: the current adapter does not target this layer, the weights are zero).
+    Everything outside the rows / columns of ``rank`` is zero, so a swap zeroes only what the
+    current adapter wrote and the new one does not overwrite (see :meth:`stale_blocks`).
     """
 
     name: str
@@ -29,6 +31,11 @@ class LoraSlot:
     groups: int
     rank: int
     base_scaling: float
+    key_A: str = field(init=False)
+    key_B: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key_A, self.key_B = f"{self.name}.lora_A.weight", f"{self.name}.lora_B.weight"
 
     @property
     def max_rank(self) -> int:
@@ -37,8 +44,17 @@ class LoraSlot:
     def rank_blocks(self, rank: int) -> list[tuple[slice, slice]]:
         return rank_blocks(self.max_rank, rank, self.groups)
 
-    def padding_blocks(self, rank: int) -> list[slice]:
-        return padding_blocks(self.max_rank, rank, self.groups)
+    def stale_blocks(self, rank: int) -> list[slice]:
+        """Slices of ``lora_A``'s rank dimension that the current adapter wrote and a
+        rank-``rank`` one does not: what a swap must zero (nothing when ``rank >= self.rank``)."""
+        if rank >= self.rank:
+            return []
+        per_group, old_per_group = rank // self.groups, self.rank // self.groups
+        padded_per_group = self.max_rank // self.groups
+        return [
+            slice(g * padded_per_group + per_group, g * padded_per_group + old_per_group)
+            for g in range(self.groups)
+        ]
 
 
 def rank_blocks(max_rank: int, rank: int, groups: int) -> list[tuple[slice, slice]]:
@@ -57,16 +73,6 @@ def rank_blocks(max_rank: int, rank: int, groups: int) -> list[tuple[slice, slic
     ]
 
 
-def padding_blocks(max_rank: int, rank: int, groups: int) -> list[slice]:
-    """Slices of the padded rank dimension of ``lora_A`` left zero by a rank-``rank`` adapter."""
-    per_group, padded_per_group = rank // groups, max_rank // groups
-    if per_group == padded_per_group:
-        return []
-    return [
-        slice(g * padded_per_group + per_group, (g + 1) * padded_per_group) for g in range(groups)
-    ]
-
-
 @dataclass(eq=False)
 class AdapterIndex:
     """Everything a swap of ``adapter_name`` needs; ``strength`` is the ``set_lora_scale`` factor."""
@@ -80,8 +86,8 @@ class AdapterIndex:
     def __post_init__(self) -> None:
         self.by_key = {}
         for slot in self.slots:
-            self.by_key[f"{slot.name}.lora_A.weight"] = (slot, "A")
-            self.by_key[f"{slot.name}.lora_B.weight"] = (slot, "B")
+            self.by_key[slot.key_A] = (slot, "A")
+            self.by_key[slot.key_B] = (slot, "B")
 
 
 # Keyed by the eager denoiser module, so the index lives exactly as long as the model.

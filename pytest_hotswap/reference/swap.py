@@ -4,6 +4,8 @@ A swap is planned against the index first: every key, shape, rank, dtype and val
 and every source tensor is cast to its destination's device and dtype. Only a complete plan is
 committed, with batched ``torch._foreach_copy_`` / ``_foreach_zero_`` into views of the padded
 weights, so no tensor object, shape, dtype or device changes and compiled code keeps running.
+Only the rows the previous adapter wrote and the new one does not are zeroed: the rest of the
+padding is zero already (the invariant of :class:`LoraSlot`).
 """
 
 from __future__ import annotations
@@ -104,19 +106,21 @@ def _plan(index: AdapterIndex, adapter: Adapter) -> _Plan:
 
     plan = _Plan()
     for slot in index.slots:
-        if slot not in parts:
-            plan.zeros += [slot.lora_A, slot.lora_B]
-            continue
-        lora_A, lora_B = _pair(slot, parts[slot])
-        rank = _checked_rank(slot, lora_A, lora_B, index.max_rank)
-        for padded, unpadded in slot.rank_blocks(rank):
-            plan.copy(f"{slot.name}.lora_A.weight", lora_A[unpadded], slot.lora_A[padded])
-        plan.copy(f"{slot.name}.lora_B.weight", lora_B, slot.lora_B[:, : rank // slot.groups])
-        plan.zeros += [slot.lora_A[padded] for padded in slot.padding_blocks(rank)]
-        if rank < index.max_rank:
-            plan.zeros.append(slot.lora_B[:, rank // slot.groups :])
-        plan.ranks[slot] = rank
-        plan.scalings[slot] = _scaling(slot, rank, adapter.config)
+        rank = 0  # an untargeted layer: zero what the current adapter wrote
+        if slot in parts:
+            lora_A, lora_B = _pair(slot, parts[slot])
+            rank = _checked_rank(slot, lora_A, lora_B, index.max_rank)
+            if slot.groups == 1:  # the common case: one view, no per-group blocks
+                plan.copy(slot.key_A, lora_A, slot.lora_A[:rank])
+            else:
+                for padded, unpadded in slot.rank_blocks(rank):
+                    plan.copy(slot.key_A, lora_A[unpadded], slot.lora_A[padded])
+            plan.copy(slot.key_B, lora_B, slot.lora_B[:, : rank // slot.groups])
+            plan.ranks[slot] = rank
+            plan.scalings[slot] = _scaling(slot, rank, adapter.config)
+        if rank < slot.rank:
+            plan.zeros += [slot.lora_A[rows] for rows in slot.stale_blocks(rank)]
+            plan.zeros.append(slot.lora_B[:, rank // slot.groups : slot.rank // slot.groups])
     _check_finite(plan)
     return plan
 
@@ -137,7 +141,7 @@ def _pair(slot: LoraSlot, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 def _checked_rank(slot: LoraSlot, lora_A: torch.Tensor, lora_B: torch.Tensor, max_rank: int) -> int:
     """The new adapter's rank for this layer, after checking every dimension of both tensors."""
-    key_A, key_B = f"{slot.name}.lora_A.weight", f"{slot.name}.lora_B.weight"
+    key_A, key_B = slot.key_A, slot.key_B
     if lora_A.ndim != slot.lora_A.ndim or lora_A.shape[1:] != slot.lora_A.shape[1:]:
         raise ShapeMismatchError(
             f"{key_A}: expected shape (rank, {', '.join(map(str, slot.lora_A.shape[1:]))}), "
@@ -164,40 +168,51 @@ def _checked_rank(slot: LoraSlot, lora_A: torch.Tensor, lora_B: torch.Tensor, ma
 
 def _scaling(slot: LoraSlot, rank: int, config: Any) -> float:
     """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) from the adapter's config, as PEFT computes it."""
-    from peft.utils.other import get_pattern_key
-
-    configured_rank = config.rank_pattern.get(
-        get_pattern_key(config.rank_pattern.keys(), slot.name), config.r
-    )
+    configured_rank = _pattern_value(config.rank_pattern, slot.name, config.r)
     if configured_rank != rank:
         raise InvalidAdapterError(
             f"{slot.name}: the adapter's config says rank {configured_rank} but its tensors have "
             f"rank {rank}; fix the adapter's metadata"
         )
-    alpha = config.alpha_pattern.get(
-        get_pattern_key(config.alpha_pattern.keys(), slot.name), config.lora_alpha
-    )
+    alpha = _pattern_value(config.alpha_pattern, slot.name, config.lora_alpha)
     scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
     if not math.isfinite(scaling):
         raise InvalidAdapterError(f"{slot.name}: lora_alpha {alpha!r} gives a non-finite scaling")
     return scaling
 
 
+def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's per-layer override of ``default`` for the layer ``name`` (most patterns are empty)."""
+    if not pattern:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    return pattern.get(get_pattern_key(pattern.keys(), name), default)
+
+
 def _check_finite(plan: _Plan) -> None:
-    """One reduction per device over all cast sources: NaN, inf, or overflow in the model's dtype."""
+    """Refuse NaN, inf, or overflow in the model's dtype in any cast source, before any write.
+
+    One fused 2-norm over all sources (the inf-norm is ~13x slower on CPU) and one sync per
+    device. A non-finite norm is exact for NaN and inf but can also be a finite tensor whose
+    squares overflow (large fp16 values), so only those tensors get the exact check.
+    """
     if not plan.sources:
         return
-    norms = torch._foreach_norm(plan.sources, math.inf)
+    norms = torch._foreach_norm(plan.sources)
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for norm in norms:
-        by_device.setdefault(norm.device, []).append(norm.float())
+        by_device.setdefault(norm.device, []).append(norm)
     if all(bool(torch.stack(group).isfinite().all()) for group in by_device.values()):
         return
-    bad = next(i for i, norm in enumerate(norms) if not bool(norm.isfinite()))
-    raise InvalidAdapterError(
-        f"{plan.keys[bad]} has non-finite values (NaN or inf, or too large for "
-        f"{plan.destinations[bad].dtype}); refusing to load a broken adapter"
-    )
+    for key, source, destination, norm in zip(
+        plan.keys, plan.sources, plan.destinations, norms, strict=True
+    ):
+        if not bool(norm.isfinite()) and not bool(source.isfinite().all()):
+            raise InvalidAdapterError(
+                f"{key} has non-finite values (NaN or inf, or too large for "
+                f"{destination.dtype}); refusing to load a broken adapter"
+            )
 
 
 def _write_scalings(index: AdapterIndex) -> None:
