@@ -280,7 +280,9 @@ def _reason_lines(event: CompileEvent) -> list[str]:
     first, *others = event.reasons
     lines = [f"guard: {shorten_reason(first)}" if event.kind != KIND_CUDAGRAPH_SKIP else first]
     if others:
-        lines.append(f"(and {_plural(len(others), 'older cache entry')} failed too)")
+        lines.append(
+            f"(and {len(others)} older cache {'entry' if len(others) == 1 else 'entries'} failed too)"
+        )
     return lines
 
 
@@ -384,6 +386,7 @@ class _Tap:
         self._cudagraph_recordings: dict[str, int] = {}
         self._cudagraph_skips_seen = 0
         self._cudagraph_skips_logged = 0
+        self._storm_ids: set[str] = set()  # compile ids already reported as a storm
 
     def acquire(self) -> None:
         self._users += 1
@@ -419,6 +422,7 @@ class _Tap:
             self._restore_config()
             self._restore_config = None
         self._guard_failures_seen.clear()
+        self._storm_ids.clear()
 
     def _ensure_callback(self) -> None:
         """(Re-)register the cudagraph-recording callback; ``torch.compiler.reset()`` drops it."""
@@ -441,7 +445,10 @@ class _Tap:
             return
         self._ensure_callback()
         compile_id = metrics.compile_id or "?"
-        if "recompile limit exceeded" in (metrics.fail_reason or "").lower():
+        if (
+            compile_id in self._storm_ids
+            or "recompile limit exceeded" in (metrics.fail_reason or "").lower()
+        ):
             return  # reported, with its frame, by the convert_frame warning just before
         self._cudagraph_recordings.pop(compile_id, None)  # a fresh compile of this id
         frame, filename = metrics.co_name or "?", metrics.co_filename or ""
@@ -478,9 +485,11 @@ class _Tap:
             (str(last_reason),) if last_reason else ()
         )
         limit_note = f"torch._dynamo.config.{limit_type} = {limit} reached"
+        compile_id = _current_compile_id()
+        self._storm_ids.add(compile_id)
         self._emit(
             _Observation(
-                compile_id=_current_compile_id(),
+                compile_id=compile_id,
                 frame=frame,
                 filename=filename,
                 lineno=lineno,

@@ -278,3 +278,22 @@ def test_compile_metrics_stay_out_of_the_logs(caplog: pytest.LogCaptureFixture) 
 )
 def test_shorten_reason(reason: str, short: str) -> None:
     assert shorten_reason(reason) == short
+
+
+def test_a_storm_under_fullgraph_is_one_event_per_compile_id():
+    """With fullgraph dynamo raises and also records metrics for the refused compile: one event."""
+
+    def double(x):
+        return x * 2
+
+    compiled = torch.compile(double, backend="eager", dynamic=False, fullgraph=True)
+    with torch._dynamo.config.patch(recompile_limit=2), CompileWatcher() as watch:
+        compiled(torch.ones(1))
+        compiled(torch.ones(2))
+        for n in (3, 4):
+            with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+                compiled(torch.ones(n))
+    ids = [event.compile_id for event in watch.events]
+    assert len(ids) == len(set(ids)), [(e.compile_id, e.frame, e.kind) for e in watch.events]
+    assert [e.kind for e in watch.events][-2:] == ["storm", "storm"]
+    assert all(e.frame == "double" for e in watch.events)
