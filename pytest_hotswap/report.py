@@ -338,11 +338,19 @@ class Comparison:
         return lines + [f"note: {note}" for note in self.notes]
 
 
+#: Outcomes of tests a baseline comparison leaves out.
+NOT_COMPARED_OUTCOMES = frozenset({"skipped", "xfailed"})
+
+
 def compare(baseline: Report, current: Report, thresholds: Sequence[Threshold]) -> Comparison:
-    """Compare the tests both reports hold; tests new or gone are listed, never failed."""
+    """Compare the tests both reports hold; tests new or gone are listed, never failed.
+
+    Tests that did not run for real now (skipped, or xfailed: an expected failure, such as a
+    test demonstrating a recompile) are not held to the thresholds.
+    """
     old = {test.nodeid: test for test in baseline.tests}
     new = {test.nodeid: test for test in current.tests}
-    common = [nodeid for nodeid in new if nodeid in old]
+    common = [n for n in new if n in old and new[n].outcome not in NOT_COMPARED_OUTCOMES]
     regressions = [
         Regression(nodeid, t.metric, old_value, new_value, t)
         for nodeid in common

@@ -76,6 +76,7 @@ def test_example_passes_and_writes_the_report(
     }
     demo = records[DEMO]
     assert demo["recompiles"] == 1 and demo["context"]["max_rank"] == 8  # the marker's max_rank
+    assert demo["outcome"] == "xfailed"
     (event,) = demo["events"]
     assert event["kind"] == "recompile" and event["step"].endswith("(rank 12)")
     assert "lora_A" in event["reasons"][0]
@@ -84,13 +85,12 @@ def test_example_passes_and_writes_the_report(
     # compile_s is left out of the thresholds: timings on a shared machine are not a test.
     gate = downstream.runpytest_subprocess(
         "--hotswap-pipelines=tinydenoiser",
-        f"--deselect={DEMO}",
         "--hotswap-baseline=hotswap-report.json",
         "--hotswap-fail-on=recompiles:0",
         "-p",
         "no:cacheprovider",
     )
-    gate.assert_outcomes(passed=6, deselected=1)
+    gate.assert_outcomes(passed=6, xfailed=1)  # the recompiling demo is not compared
     gate.stdout.fnmatch_lines(
         ["*- hotswap baseline *hotswap-report.json -*", "compared 5 tests *", "no regressions"]
     )

@@ -236,3 +236,18 @@ def test_from_watcher_records_a_real_recompile_with_its_swap_and_reason():
     assert "size mismatch at index 0. expected 3, actual 4" in event.reasons[0]
     assert record.context == {"backend": "eager", "dtype": "torch.float32"}  # JSON-safe
     assert TestRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+
+
+@pytest.mark.parametrize("outcome", ["xfailed", "skipped"])
+def test_expected_failures_and_skips_are_not_held_to_thresholds(baseline, regressed, outcome):
+    """A test that recompiles on purpose (xfail) must not fail the gate; the same test passing does."""
+    relabelled = Report.from_dict(regressed.to_dict())
+    for test in relabelled.tests:
+        if test.nodeid == SWAP:
+            test.outcome = outcome
+    assert (SWAP, "recompiles") in regressions(
+        compare(baseline, regressed, parse_fail_on("recompiles:0"))
+    )
+    assert (SWAP, "recompiles") not in regressions(
+        compare(baseline, relabelled, parse_fail_on("recompiles:0"))
+    )
