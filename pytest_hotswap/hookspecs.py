@@ -45,7 +45,11 @@ def pytest_hotswap_build_pipeline(name: str, options: HotswapOptions) -> Pipelin
 
 
 def pytest_hotswap_recompile(item: pytest.Item, event: CompileEvent) -> None:
-    """Called for every recompile seen while ``item`` ran (setup or call), as it is recorded.
+    """Called for every recompile seen while ``item`` ran (setup or call).
+
+    It is called after the test's call (or at teardown when setup failed), never from inside
+    dynamo, so a hook that raises cannot break a compile; the call report is not made yet, so a
+    report section added here shows with the test.
 
     ``event.reasons`` holds dynamo's guard-failure texts and ``event.step`` the label of the swap
     the recompile followed::
