@@ -166,6 +166,16 @@ def test_storm_fails_whatever_the_allowance():
             compiled(torch.ones(3, dtype=dtype))
 
 
+@pytest.mark.no_recompile
+def test_storm_under_fullgraph_fails_cleanly():
+    def halve(x):
+        return x / 2
+    compiled = torch.compile(halve, backend="eager", fullgraph=True)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for dtype in (torch.float32, torch.float64):
+            compiled(torch.ones(3, dtype=dtype))
+
+
 @pytest.fixture
 def recompiles_in_setup():
     def triple(x, k):
@@ -326,7 +336,7 @@ def batch(
 
 def test_batch_outcomes(batch: tuple[pytest.RunResult, list[dict[str, str]]]) -> None:
     result, _ = batch
-    result.assert_outcomes(passed=7, failed=9)
+    result.assert_outcomes(passed=7, failed=10)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     failed = {
         line.split()[1].split(" ")[0] for line in result.outlines if line.startswith("FAILED ")
@@ -336,6 +346,7 @@ def test_batch_outcomes(batch: tuple[pytest.RunResult, list[dict[str, str]]]) ->
         "test_marked.py::test_float_scaling_change",
         "test_marked.py::test_one_allowed_two_happen",
         "test_marked.py::test_storm_fails_whatever_the_allowance",
+        "test_marked.py::test_storm_under_fullgraph_fails_cleanly",
         "test_marked.py::test_setup_recompile_counts",
         "test_marked.py::test_other_failure_shows_recompiles",
         "test_marked.py::TestClassMark::test_recompiles",
@@ -384,6 +395,16 @@ def test_allowance_storm_setup_and_module_marks(batch) -> None:
             "   guard: tensor 'x' dtype mismatch. expected Float, actual Double",
         ]
     )
+    # fullgraph turns the storm into dynamo's FailOnRecompileLimitHit: the same clean failure
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_storm_under_fullgraph_fails_cleanly _*",
+            "no_recompile: 1 recompile (none allowed)",
+            "*",
+            "recompile storm (recompile_limit hit, the frame now runs eagerly) before any step: halve (*)",
+        ]
+    )
+    assert "FailOnRecompileLimitHit" not in result.stdout.str()
     result.stdout.fnmatch_lines(
         [
             "*_ test_setup_recompile_counts _*",
@@ -432,10 +453,11 @@ def test_real_diffusers_frame_and_lora_guard(batch) -> None:
 def test_recompile_hook_gets_every_event(batch) -> None:
     _, events = batch
     by_test = {event["test"]: event for event in events}
-    assert len(events) == 12  # one per recompile, including the unmarked but watched tests
+    assert len(events) == 13  # one per recompile, including the unmarked but watched tests
     assert by_test["test_shape_change"]["step"] == "hotswap #2: style_b (rank 8)"
     assert "size mismatch" in by_test["test_shape_change"]["reason"]
     assert by_test["test_storm_fails_whatever_the_allowance"]["kind"] == "storm"
+    assert by_test["test_storm_under_fullgraph_fails_cleanly"]["kind"] == "storm"
     assert by_test["test_unet_lora_rank_change"]["frame"] == "wrapper"
     assert "test_unwatched_recompile_passes" not in by_test
     assert "test_one_allowed_one_happens" in by_test

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import sys
 from collections.abc import Callable, Generator, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 from pytest_hotswap import options as opts
-from pytest_hotswap.watch import CompileWatcher, RecompileError
+from pytest_hotswap.watch import KIND_STORM, CompileWatcher, RecompileError
 
 OPTIONS_KEY = pytest.StashKey[opts.HotswapOptions]()
 WATCHER_KEY = pytest.StashKey[CompileWatcher]()
@@ -278,11 +279,18 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     watcher = item.stash.get(WATCHER_KEY, None)
     if watcher is None:
         return (yield)
+    allowance = item.stash.get(_ALLOWANCE_KEY, None)
     try:
         result = yield
+    except BaseException as error:
+        # Under fullgraph, a frame past dynamo's recompile_limit raises instead of falling back
+        # to eager: the watcher recorded that storm, so fail the same clean way as without it.
+        storm = any(event.kind == KIND_STORM for event in watcher.events)
+        if allowance is None or not storm or not _is_recompile_limit_error(error):
+            raise
+        result = None
     finally:
         _call_recompile_hooks(item, watcher)
-    allowance = item.stash.get(_ALLOWANCE_KEY, None)
     if allowance is None:
         return result
     try:
@@ -293,6 +301,11 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
         return result
     item.stash[_FAILED_BY_US_KEY] = True
     pytest.fail(message, pytrace=False)
+
+
+def _is_recompile_limit_error(error: BaseException) -> bool:
+    exc = sys.modules.get("torch._dynamo.exc")
+    return exc is not None and isinstance(error, exc.FailOnRecompileLimitHit)
 
 
 @pytest.hookimpl(wrapper=True)
