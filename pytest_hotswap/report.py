@@ -93,7 +93,7 @@ class TestRecord:
             compiles=watcher.compiles,
             recompiles=watcher.recompiles,
             graph_breaks=watcher.graph_breaks,
-            compile_s=sum(event.seconds for event in watcher.events),
+            compile_s=watcher.compile_seconds,
             swaps=[SwapRecord(s.label, s.swap_ms) for s in watcher.steps if s.swap_ms is not None],
             events=[
                 EventRecord(

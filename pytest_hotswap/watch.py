@@ -11,6 +11,10 @@ call of a compiled model:
   just before the recompile they cause.
 * past ``recompile_limit`` dynamo logs a WARNING on ``torch._dynamo.convert_frame`` and silently
   runs the frame eagerly from then on: a recompile storm.
+* the same ``CompilationMetrics`` also go into dynamo's bounded ``get_compilation_metrics()``
+  deque whatever the config and log levels say: one that the log tap never saw means code inside
+  the scope turned ``log_compilation_metrics`` off or silenced the logger, and the watcher records
+  that it was blind rather than pass a test whose recompiles it could not see.
 * cudagraph trees announce every recording through ``torch._dynamo.callback_handler``; recording a
   compile id again is a re-record. Skips are WARNINGs on inductor's ``cudagraphs`` artifact logger.
 
@@ -36,6 +40,7 @@ KIND_RECOMPILE = "recompile"
 KIND_STORM = "storm"
 KIND_CUDAGRAPH_RERECORD = "cudagraph_rerecord"
 KIND_CUDAGRAPH_SKIP = "cudagraph_skip"
+KIND_UNOBSERVED = "unobserved"
 
 _METRICS_LOGGER = "torch._utils_internal"
 _CONVERT_FRAME_LOGGER = "torch._dynamo.convert_frame"
@@ -54,7 +59,8 @@ class CompileEvent:
 
     ``kind`` is ``"compile"`` (a first compile, fine) or one of the failing kinds: ``"recompile"``
     (dynamo compiled a frame that already had a cache entry), ``"storm"`` (the frame hit
-    ``recompile_limit`` and now runs eagerly), ``"cudagraph_rerecord"`` or ``"cudagraph_skip"``.
+    ``recompile_limit`` and now runs eagerly), ``"cudagraph_rerecord"``, ``"cudagraph_skip"`` or
+    ``"unobserved"`` (compile metrics logging was turned off inside the scope: the watcher was blind).
     ``reasons`` holds dynamo's full guard-failure texts, newest cache entry first.
     """
 
@@ -135,6 +141,7 @@ class CompileWatcher:
         with _LOCK:
             self._depth -= 1
             if self._depth == 0:
+                _TAP.collect_unobserved()
                 _TAP.collect_cudagraph_skips()
                 self._graph_breaks_done = self.graph_breaks
                 self._graph_breaks_at_enter = None
@@ -189,12 +196,30 @@ class CompileWatcher:
     @property
     def compiles(self) -> int:
         """Every compilation attempt seen, first compiles and recompiles alike."""
+        self._collect_unobserved()
         return len(self.events)
 
     @property
     def recompiles(self) -> int:
-        """Recompiles, storms and cudagraph re-records or skips: what ``no_recompile`` fails on."""
+        """Recompiles, storms, cudagraph re-records or skips and unobserved compiles: what
+        ``no_recompile`` fails on."""
+        self._collect_unobserved()
         return sum(event.is_recompile for event in self.events)
+
+    @property
+    def had_storm(self) -> bool:
+        """A frame hit ``recompile_limit``: it runs eagerly from then on and dynamo stops reporting."""
+        return any(event.kind == KIND_STORM for event in self.events)
+
+    @property
+    def was_blind(self) -> bool:
+        """Compile metrics logging was turned off (or its logger silenced) inside the scope."""
+        self._collect_unobserved()
+        return any(event.kind == KIND_UNOBSERVED for event in self.events)
+
+    def _collect_unobserved(self) -> None:
+        if self.active:
+            _TAP.collect_unobserved()
 
     @property
     def graph_breaks(self) -> int:
@@ -228,13 +253,13 @@ class CompileWatcher:
     # -- verdicts ------------------------------------------------------------------------------
 
     def assert_no_recompile(self, max_recompiles: int = 0) -> None:
-        """Raise ``RecompileError`` past ``max_recompiles``; a recompile storm always fails.
+        """Raise ``RecompileError`` past ``max_recompiles``; a storm or a blind watcher always fails.
 
-        After a storm dynamo runs the frame eagerly and stops reporting, so no count is trustworthy.
+        After a storm dynamo runs the frame eagerly and stops reporting, and a watcher that missed
+        compiles cannot tell recompiles apart: in both cases no count is trustworthy.
         """
         __tracebackhide__ = True
-        storms = any(event.kind == KIND_STORM for event in self.events)
-        if self.recompiles > max_recompiles or storms:
+        if self.recompiles > max_recompiles or self.had_storm or self.was_blind:
             allowed = f"{max_recompiles} allowed" if max_recompiles else "none allowed"
             raise RecompileError(
                 f"{_plural(self.recompiles, 'recompile')} ({allowed})\n{self.report()}"
@@ -267,6 +292,11 @@ _KIND_TITLES = {
     KIND_STORM: "recompile storm (recompile_limit hit, the frame now runs eagerly)",
     KIND_CUDAGRAPH_RERECORD: "cudagraph re-record",
     KIND_CUDAGRAPH_SKIP: "cudagraph skipped",
+    KIND_UNOBSERVED: (
+        "compile the watcher did not see (torch._dynamo.config.log_compilation_metrics was turned "
+        "off, or the torch._utils_internal logger silenced, inside the watched scope; leave both "
+        "on so recompiles can be counted)"
+    ),
 }
 
 
@@ -278,7 +308,8 @@ def _reason_lines(event: CompileEvent) -> list[str]:
     if not event.reasons:
         return ["(dynamo gave no reason)"] if event.kind == KIND_RECOMPILE else []
     first, *others = event.reasons
-    lines = [f"guard: {shorten_reason(first)}" if event.kind != KIND_CUDAGRAPH_SKIP else first]
+    guard = event.kind in (KIND_RECOMPILE, KIND_STORM)  # others' reasons are not guard texts
+    lines = [f"guard: {shorten_reason(first)}" if guard else first]
     if others:
         lines.append(
             f"(and {len(others)} older cache {'entry' if len(others) == 1 else 'entries'} failed too)"
@@ -387,13 +418,16 @@ class _Tap:
         self._cudagraph_skips_seen = 0
         self._cudagraph_skips_logged = 0
         self._storm_ids: set[str] = set()  # compile ids already reported as a storm
+        # Every CompilationMetrics known while acquired, kept alive so their ids stay unique.
+        self._metrics_known: dict[int, Any] = {}
+        self._metrics_flag_off_reported = False
 
     def acquire(self) -> None:
         self._users += 1
         if self._users > 1:
             return
         import torch._dynamo
-        from torch._dynamo.utils import counters, guard_failures
+        from torch._dynamo.utils import counters, get_compilation_metrics, guard_failures
 
         config = torch._dynamo.config
         if not config.log_compilation_metrics:
@@ -401,6 +435,8 @@ class _Tap:
             patch.__enter__()
             self._restore_config = lambda: patch.__exit__(None, None, None)
         self._guard_failures_seen = {code: len(texts) for code, texts in guard_failures.items()}
+        self._metrics_known = {id(m): m for m in get_compilation_metrics()}
+        self._metrics_flag_off_reported = False
         self._cudagraph_skips_seen = counters["inductor"]["cudagraph_skips"]
         self._cudagraph_skips_logged = 0
         for tap in self._log_taps:
@@ -423,6 +459,7 @@ class _Tap:
             self._restore_config = None
         self._guard_failures_seen.clear()
         self._storm_ids.clear()
+        self._metrics_known.clear()
 
     def _ensure_callback(self) -> None:
         """(Re-)register the cudagraph-recording callback; ``torch.compiler.reset()`` drops it."""
@@ -441,7 +478,10 @@ class _Tap:
 
     def _on_metrics_record(self, record: logging.LogRecord) -> None:
         metrics = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        if type(metrics).__name__ != "CompilationMetrics" or metrics.is_runtime:
+        if type(metrics).__name__ != "CompilationMetrics":
+            return
+        self._metrics_known[id(metrics)] = metrics
+        if metrics.is_runtime:
             return
         self._ensure_callback()
         compile_id = metrics.compile_id or "?"
@@ -504,6 +544,45 @@ class _Tap:
         if message.startswith("skipping cudagraphs"):
             self._cudagraph_skips_logged += 1
             self._emit_cudagraph_skip(message)
+
+    def collect_unobserved(self) -> None:
+        """Compiles dynamo recorded but the log tap never saw, as failing events, once each.
+
+        Also fails once when ``log_compilation_metrics`` is off now although it was on (or put on)
+        at acquire: compiles after this point would go unseen.
+        """
+        import torch._dynamo
+        from torch._dynamo.utils import get_compilation_metrics
+
+        with _LOCK:
+            if not self._users:
+                return
+            for metrics in get_compilation_metrics():
+                if id(metrics) in self._metrics_known:
+                    continue
+                self._metrics_known[id(metrics)] = metrics
+                if metrics.is_runtime:
+                    continue
+                self._emit(
+                    _Observation(
+                        compile_id=metrics.compile_id or "?",
+                        frame=metrics.co_name or "?",
+                        filename=metrics.co_filename or "",
+                        lineno=metrics.co_firstlineno or 0,
+                        reasons=(),
+                        seconds=metrics.entire_frame_compile_time_s or 0.0,
+                        failure=KIND_UNOBSERVED,
+                    )
+                )
+            if (
+                not torch._dynamo.config.log_compilation_metrics
+                and not self._metrics_flag_off_reported
+            ):
+                self._metrics_flag_off_reported = True
+                flag = "torch._dynamo.config.log_compilation_metrics"
+                self._emit(
+                    _Observation("?", flag, "", 0, (f"{flag} is False",), 0.0, KIND_UNOBSERVED)
+                )
 
     def collect_cudagraph_skips(self) -> None:
         """Skips counted by inductor but not logged (the cudagraphs logger may be silenced)."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,10 +91,13 @@ def parameter_identity(
     return {n: (id(p), p.shape, p.dtype, p.device) for n, p in model.named_parameters()}
 
 
-def quiet_diffusers() -> Any:
-    """Lower diffusers' log level (every SD load logs about the text encoder); returns the old one."""
-    from diffusers.utils import logging
+@contextlib.contextmanager
+def compile_environment() -> Iterator[None]:
+    """What every reference test module compiles under; each wraps it in a module fixture.
 
-    before = logging.get_verbosity()
-    logging.set_verbosity_error()
-    return before
+    diffusers is quieted (every SD load logs about the text encoder) and dynamo's
+    ``recompile_limit`` raised: every diffusers model compiles the same frame, so all models of
+    this process share the limit; this leaves room for the ones other test modules compiled.
+    """
+    with pipelines.quiet_diffusers(), torch._dynamo.config.patch(recompile_limit=64):
+        yield

@@ -9,6 +9,7 @@ torch cannot be imported twice.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch._dynamo  # noqa: F401
@@ -138,6 +139,32 @@ def test_every_field_from_the_command_line(pytester: pytest.Pytester) -> None:
             "report=PosixPath('out.json'), baseline=None, fail_on=None)"
         ]
     )
+
+
+def test_ini_paths_are_relative_to_the_ini_file_and_cli_paths_to_the_invocation_dir(
+    pytester: pytest.Pytester,
+) -> None:
+    config_dir = pytester.mkdir("config")
+    elsewhere = pytester.mkdir("elsewhere")
+    (config_dir / "pytest.ini").write_text(
+        "[pytest]\nhotswap_report = out/report.json\nhotswap_baseline = base.json\n"
+    )
+    # A valid baseline, or the run stops at "no such file".
+    (config_dir / "base.json").write_text(
+        (Path(__file__).parent / "data" / "report_baseline.json").read_text()
+    )
+    pytester.makepyfile(test_show=SHOW_OPTIONS)
+    args = ("-s", "-c", "config/pytest.ini", f"--rootdir={elsewhere}", "test_show.py")
+    result = pytester.runpytest_inprocess(*args)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            f"*report=PosixPath('{config_dir}/out/report.json'), "
+            f"baseline=PosixPath('{config_dir}/base.json')*"
+        ]
+    )
+    result = pytester.runpytest_inprocess(*args, "--hotswap-report=cli.json")
+    result.stdout.fnmatch_lines(["*report=PosixPath('cli.json'), *"])
 
 
 def test_ini_strict_flag(pytester: pytest.Pytester) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_support import ARCHS, Arch, parameter_identity, quiet_diffusers
+from reference_support import ARCHS, Arch, compile_environment, parameter_identity
 
 from pytest_hotswap.adapters import lora_targets, make_lora
 from pytest_hotswap.reference import hotswap, prepare_for_hotswap, set_lora_scale
@@ -19,15 +19,9 @@ MAX_RANK = 16
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _setup():
-    from diffusers.utils import logging
-
-    before = quiet_diffusers()
-    # Every diffusers model compiles the same frame, so all of this process's models share
-    # dynamo's recompile_limit; leave room for the ones other test modules compiled.
-    with torch._dynamo.config.patch(recompile_limit=64):
+def _compile_environment():
+    with compile_environment():
         yield
-    logging.set_verbosity(before)
 
 
 def _sequence(arch: Arch, directory) -> list[tuple[str, object]]:

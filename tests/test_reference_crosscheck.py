@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_support import ARCHS, Arch, quiet_diffusers
+from reference_support import ARCHS, Arch, compile_environment
 
 from pytest_hotswap.adapters import make_lora
 from pytest_hotswap.reference import hotswap, prepare_for_hotswap
@@ -14,13 +14,9 @@ MAX_RANK = 16
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _setup():
-    from diffusers.utils import logging
-
-    before = quiet_diffusers()
-    with torch._dynamo.config.patch(recompile_limit=64):
+def _compile_environment():
+    with compile_environment():
         yield
-    logging.set_verbosity(before)
 
 
 def _adapters(arch: Arch, directory) -> list:

@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference_support import ARCHS, model_checksum, quiet_diffusers
+from reference_support import ARCHS, compile_environment, model_checksum
 
 from pytest_hotswap.adapters import lora_targets, make_lora
 from pytest_hotswap.reference import (
@@ -35,13 +35,9 @@ UNET = ARCHS["unet"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _setup():
-    from diffusers.utils import logging
-
-    before = quiet_diffusers()
-    with torch._dynamo.config.patch(recompile_limit=64):
+def _compile_environment():
+    with compile_environment():
         yield
-    logging.set_verbosity(before)
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +288,36 @@ def test_unprepared_and_lora_free_models(files) -> None:
     assert model_checksum(loaded) == checksum
     with pytest.raises(NotPreparedError, match="has no LoRA loaded"):
         prepare_for_hotswap(UNET.build(), MAX_RANK)
+
+
+@pytest.mark.parametrize("remove", ["unload_lora", "delete_adapters"])
+def test_an_adapter_loaded_again_after_prepare_must_be_prepared_again(files, remove) -> None:
+    """After unload / delete and a new load the index points at detached tensors: a swap would
+    report success and change nothing, so it is refused until prepare_for_hotswap runs again."""
+    from pytest_hotswap.reference import set_lora_scale
+
+    model = UNET.with_lora(files["first"])
+    prepare_for_hotswap(model, MAX_RANK)
+    getattr(model, remove)(*(["default"] if remove == "delete_adapters" else []))
+    model.load_lora_adapter(
+        str(files["ok"]), prefix=UNET.prefix, adapter_name="default", use_safetensors=True
+    )
+    checksum = model_checksum(model)
+    compiled = torch.compile(model, backend="eager")  # never run: nothing compiles here
+    for call in (
+        lambda: hotswap(compiled, files["first"]),
+        lambda: hotswap(model, files["first"]),
+        lambda: set_lora_scale(model, 0.5),
+    ):
+        with pytest.raises(NotPreparedError, match="call prepare_for_hotswap again on the eager"):
+            call()
+    assert model_checksum(model) == checksum
+    with pytest.raises(AlreadyCompiledError):
+        prepare_for_hotswap(compiled, MAX_RANK)
+
+    prepare_for_hotswap(model, MAX_RANK)  # the adapter loaded now, padded and indexed
+    hotswap(compiled, files["first"])
+    torch.testing.assert_close(UNET.run(model), UNET.run(UNET.with_lora(files["first"])))
 
 
 # -- property: any malformed adapter is a HotswapError and leaves the model untouched ----------

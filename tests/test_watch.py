@@ -7,6 +7,7 @@ the reset case runs in a subprocess in test_plugin_marker.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -50,6 +51,7 @@ def test_in_place_update_is_one_compile_and_no_recompile() -> None:
     assert watch.events[0].frame == "forward" and watch.events[0].compile_id.endswith("/0")
     assert watch.steps[0].label == "hotswap #1: same shape" and watch.steps[0].swap_ms == 1.5
     assert watch.compile_seconds > 0
+    assert not watch.had_storm and not watch.was_blind
     watch.assert_no_recompile()
 
 
@@ -169,6 +171,7 @@ def test_recompile_storm_always_fails() -> None:
             compiled(torch.ones(3, dtype=dtype))
     kinds = [event.kind for event in watch.events]
     assert kinds == ["compile", "recompile", "storm"]  # then it runs eagerly, silently
+    assert watch.had_storm
     storm = watch.events[-1]
     assert storm.frame == "double" and storm.filename == __file__
     assert "recompile_limit = 2 reached" in storm.reasons[-1]
@@ -297,3 +300,78 @@ def test_a_storm_under_fullgraph_is_one_event_per_compile_id():
     assert len(ids) == len(set(ids)), [(e.compile_id, e.frame, e.kind) for e in watch.events]
     assert [e.kind for e in watch.events][-2:] == ["storm", "storm"]
     assert all(e.frame == "double" for e in watch.events)
+
+
+def _metrics_off_by_config():
+    return torch._dynamo.config.patch(log_compilation_metrics=False)
+
+
+@contextlib.contextmanager
+def _metrics_logger_disabled():
+    logger = logging.getLogger("torch._utils_internal")
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = False
+
+
+_BLINDERS = {"config": _metrics_off_by_config, "logger": _metrics_logger_disabled}
+
+
+@pytest.mark.parametrize("blinder", list(_BLINDERS))
+def test_compiles_hidden_inside_the_scope_fail_instead_of_passing(blinder: str) -> None:
+    """Turning compile metrics off inside a watched scope would hide a recompile: it fails."""
+
+    def config(x):  # one frame per case: a code object compiles once per process
+        return x * 3
+
+    def logger(x):
+        return x * 3
+
+    frame = {"config": config, "logger": logger}[blinder]
+    compiled = torch.compile(frame, backend="eager", dynamic=False)
+    with CompileWatcher() as watch:
+        compiled(torch.ones(1))
+        with _BLINDERS[blinder]():
+            watch.step("metrics off")
+            compiled(torch.ones(2))  # a shape guard fails: a recompile the log tap cannot see
+    assert [(e.kind, e.frame, e.step) for e in watch.events] == [
+        ("compile", blinder, None),
+        ("unobserved", blinder, "metrics off"),
+    ]
+    assert watch.was_blind and watch.recompiles == 1
+    with pytest.raises(RecompileError) as caught:
+        watch.assert_no_recompile(max_recompiles=100)
+    assert (
+        "compile the watcher did not see (torch._dynamo.config.log_compilation_metrics was turned "
+        "off, or the torch._utils_internal logger silenced, inside the watched scope; leave both "
+        f'on so recompiles can be counted) after step "metrics off": {blinder} (tests/test_watch.py:'
+    ) in str(caught.value)
+
+
+def test_compile_metrics_left_off_fail_when_counts_are_read() -> None:
+    """Left off at the end of the scope: every compile after it would go unseen, so the watcher
+    says so when its counts are read, and once more for a compile it missed."""
+
+    def quadruple(x):
+        return x * 4
+
+    compiled = torch.compile(quadruple, backend="eager")
+    config = torch._dynamo.config
+    try:
+        with CompileWatcher() as watch:
+            compiled(torch.ones(1))
+            config.log_compilation_metrics = False
+            assert watch.recompiles == 1  # the flag, before any compile was missed
+            compiled(torch.ones(1, dtype=torch.float64))
+        kinds = [(e.kind, e.frame) for e in watch.events]
+    finally:
+        config.log_compilation_metrics = True
+    assert kinds == [
+        ("compile", "quadruple"),
+        ("unobserved", "torch._dynamo.config.log_compilation_metrics"),
+        ("unobserved", "quadruple"),
+    ]
+    with pytest.raises(RecompileError, match="log_compilation_metrics is False"):
+        watch.assert_no_recompile()

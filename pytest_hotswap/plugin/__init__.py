@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from pytest_hotswap import options as opts
-from pytest_hotswap.watch import KIND_STORM, CompileWatcher, RecompileError
+from pytest_hotswap.watch import CompileWatcher, RecompileError
 
 OPTIONS_KEY = pytest.StashKey[opts.HotswapOptions]()
 WATCHER_KEY = pytest.StashKey[CompileWatcher]()
@@ -153,8 +153,8 @@ def resolve_options(config: pytest.Config) -> opts.HotswapOptions:
         if raw is None:
             raw = config.getini(option.ini)
             source = f"ini option {option.ini}"
-            if option.parse is Path and raw:
-                raw = config.rootpath / str(raw)
+            if option.parse is Path and raw:  # relative to the ini file, like pytest's paths
+                raw = _ini_dir(config) / str(raw)
         if raw is None or raw == "":
             continue
         if option.flag:
@@ -167,6 +167,11 @@ def resolve_options(config: pytest.Config) -> opts.HotswapOptions:
     for field in ("device", "dtype"):
         values.setdefault(field, "auto")
     return opts.HotswapOptions(**values)  # type: ignore[arg-type]
+
+
+def _ini_dir(config: pytest.Config) -> Path:
+    """The directory ini-given paths are relative to: the ini file's, else the rootdir."""
+    return config.inipath.parent if config.inipath is not None else config.rootpath
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -285,8 +290,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     except BaseException as error:
         # Under fullgraph, a frame past dynamo's recompile_limit raises instead of falling back
         # to eager: the watcher recorded that storm, so fail the same clean way as without it.
-        storm = any(event.kind == KIND_STORM for event in watcher.events)
-        if allowance is None or not storm or not _is_recompile_limit_error(error):
+        if allowance is None or not watcher.had_storm or not _is_recompile_limit_error(error):
             raise
         result = None
     finally:

@@ -33,9 +33,30 @@ class LoraSlot:
     base_scaling: float
     key_A: str = field(init=False)
     key_B: str = field(init=False)
+    path: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.key_A, self.key_B = f"{self.name}.lora_A.weight", f"{self.name}.lora_B.weight"
+        self.path = tuple(self.name.split(".")) if self.name else ()
+
+    def is_live(self, model: torch.nn.Module, adapter_name: str) -> bool:
+        """True while ``model`` holds this slot's tensors at ``name``: identity checks only.
+
+        It walks ``_modules`` / ``_parameters`` directly: ``nn.Module.__getattr__`` would cost
+        about a microsecond per hop, several times the rest of the check on a deep model.
+        """
+        try:
+            layer = model
+            for part in self.path:
+                layer = layer._modules[part]
+            return (
+                layer._modules["lora_A"]._modules[adapter_name]._parameters["weight"] is self.lora_A
+                and layer._modules["lora_B"]._modules[adapter_name]._parameters["weight"]
+                is self.lora_B
+                and layer.scaling[adapter_name] is self.scaling
+            )
+        except (AttributeError, KeyError):
+            return False
 
     @property
     def max_rank(self) -> int:
@@ -101,14 +122,26 @@ def register(model: torch.nn.Module, index: AdapterIndex) -> None:
 
 
 def lookup(model: torch.nn.Module, adapter_name: str) -> AdapterIndex | None:
-    return _INDEXES.get(model, {}).get(adapter_name)
+    """The live index of ``adapter_name``, or ``None`` (never prepared, or gone stale)."""
+    index = _INDEXES.get(model, {}).get(adapter_name)
+    return index if index is not None and stale_layer(model, index) is None else None
 
 
 def require(model: torch.nn.Module, adapter_name: str) -> AdapterIndex:
-    """The index of ``adapter_name`` (exact name), or an error saying what to call first."""
+    """The live index of ``adapter_name`` (exact name), or an error saying what to call first."""
     prepared = _INDEXES.get(model, {})
     if adapter_name in prepared:
-        return prepared[adapter_name]
+        index = prepared[adapter_name]
+        stale = stale_layer(model, index)
+        if stale is not None:
+            raise NotPreparedError(
+                f"adapter {adapter_name!r} changed since prepare_for_hotswap: LoRA layer {stale!r} "
+                "no longer holds the prepared tensors (the adapter was unloaded, deleted or loaded "
+                "again, or its scaling replaced, e.g. by set_adapters), so a swap would write into "
+                "tensors the model does not use; call prepare_for_hotswap again on the eager "
+                "(uncompiled) model, then compile it"
+            )
+        return index
     if not prepared:
         raise NotPreparedError(
             f"{type(model).__name__} is not prepared for hotswapping: load the first adapter "
@@ -119,3 +152,16 @@ def require(model: torch.nn.Module, adapter_name: str) -> AdapterIndex:
         f"no adapter named {adapter_name!r} is prepared for hotswapping (names match exactly); "
         f"prepared: {sorted(prepared)}; pass one of them as adapter_name"
     )
+
+
+def stale_layer(model: torch.nn.Module, index: AdapterIndex) -> str | None:
+    """The first indexed layer whose module, ``lora_A`` / ``lora_B`` weight or scaling is not the
+    object the model holds now, else ``None``.
+
+    ``delete_adapters`` / ``unload_lora_weights`` followed by a new load leave the index pointing
+    at detached tensors, which a swap would fill with no effect on the model.
+    """
+    for slot in index.slots:
+        if not slot.is_live(model, index.adapter_name):
+            return slot.name
+    return None

@@ -24,7 +24,8 @@ def prepare_for_hotswap(
 
     Every Linear / Conv2d (grouped too) LoRA layer of the denoiser gets ``lora_A`` / ``lora_B``
     zero-padded to ``max_rank`` and its scaling turned into a 0-dim tensor on the weight's device;
-    outputs are unchanged. Calling it again with the same ``max_rank`` is a no-op. Text-encoder
+    outputs are unchanged. Calling it again with the same ``max_rank`` is a no-op, unless the
+    adapter was unloaded, deleted or re-loaded since: then the one loaded now is prepared. Text-encoder
     LoRA layers of a pipeline are left as they are: only the denoiser is hotswapped.
     """
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
