@@ -37,10 +37,20 @@ class HotswapOptions:
     fail_on: str | None = None
 
     def replace(self, **changes: object) -> HotswapOptions:
-        """A copy with some fields changed (used by the ``hotswap`` marker), validated again."""
+        """A copy with some fields changed (the ``hotswap`` marker, the pipeline factory).
+
+        Values are validated again and ``auto`` device / dtype resolved; a bad value raises
+        ``ValueError`` naming the field and the accepted values.
+        """
         for name, value in changes.items():
             if name in _VALIDATORS and value is not None:
-                changes[name] = _VALIDATORS[name](value)
+                try:
+                    changes[name] = _VALIDATORS[name](value)
+                except ValueError as error:
+                    raise ValueError(f"{name}={value!r}: {error}") from None
+        if changes.get("dtype") is not None:
+            device = str(changes.get("device") or self.device)
+            changes["dtype"] = resolve_dtype(str(changes["dtype"]), device)
         return dataclasses.replace(self, **changes)
 
 
@@ -97,6 +107,8 @@ _VALIDATORS = {
     "backend": lambda v: parse_choice(v, BACKENDS),
     "mode": lambda v: parse_choice(v, MODES),
     "quantize": lambda v: parse_choice(v, QUANTIZE),
+    "device": lambda v: resolve_device(parse_choice(v, DEVICES)),
+    "dtype": lambda v: parse_choice(v, DTYPES),  # resolved against the device by replace
     "implementations": lambda v: parse_list(v, IMPLEMENTATIONS),
     "pipelines": parse_list,
 }

@@ -12,7 +12,7 @@ The recipe, one function per step (``build_hotswap_pipeline`` runs them in order
     pad_loaded_adapter(spec, implementation, max_rank)  # reference / PEFT: pad after the load
     quantize_denoiser(spec.denoiser, quantize)        # optional torchao weight quantization
     compile_denoiser(spec.denoiser, backend, mode, fullgraph=spec.fullgraph)
-    warm_up(pipeline)                                 # the exact call used later
+    warm_up(pipeline)                                 # the exact calls used later
 """
 
 from __future__ import annotations
@@ -361,7 +361,7 @@ def build_hotswap_pipeline(
 ) -> HotswapPipeline:
     """Make ``spec`` hotswap-ready: prepare, load ``first_lora``, quantize, compile, warm up."""
     check_implementation(implementation)
-    check_quantization(options.quantize, options.device)
+    check_quantization(options.quantize, options.device)  # before the spec is changed
     enable_hotswap(spec, implementation, options.max_rank)
     load_first_adapter(spec, first_lora)
     pad_loaded_adapter(spec, implementation, options.max_rank)
@@ -490,14 +490,32 @@ _WARMUP_RECOMPILE_LIMIT = 64
 
 All diffusers models compile the same frame (``apply_lora_scale``'s ``wrapper``), so the first
 compile of every new model configuration in a process adds an entry to one cache, and the default
-limit of 8 would refuse the ninth. Raised only around the warm-up call, never around a test's calls.
+limit of 8 would refuse the ninth. Raised only around the warm-up calls, never around a test's calls.
 """
 
 
 def warm_up(pipeline: HotswapPipeline) -> torch.Tensor:
-    """First call, the exact one used later, labelled a warm-up for an active ``CompileWatcher``."""
-    with pipeline.warmup_scope("run"):
+    """First call, the exact one used later, labelled a warm-up for an active ``CompileWatcher``.
+
+    Only the pipeline call is warmed here: a direct ``denoise()`` call compiles another graph (a
+    full inductor compile per configuration), so it is warmed on its first use instead, which
+    ``HotswapPipeline.denoise`` allows only while the first adapter is loaded.
+    """
+    with _warmup_scope(pipeline, "run"):
         return pipeline.run()
+
+
+@contextlib.contextmanager
+def _warmup_scope(pipeline: HotswapPipeline, call: str) -> Iterator[None]:
+    """Mark the compiles inside as first compiles of this configuration, not recompiles."""
+    watcher = _active_watcher()
+    label = f"warm-up {pipeline.name}-{pipeline.implementation} {call}"
+    with contextlib.ExitStack() as stack:
+        if watcher is not None:
+            stack.enter_context(watcher.warmup(label))
+        limit = max(torch._dynamo.config.recompile_limit, _WARMUP_RECOMPILE_LIMIT)
+        stack.enter_context(torch._dynamo.config.patch(recompile_limit=limit))
+        yield
 
 
 # --- The ready pipeline --------------------------------------------------------------------
@@ -505,16 +523,20 @@ def warm_up(pipeline: HotswapPipeline) -> torch.Tensor:
 
 @dataclasses.dataclass(eq=False)
 class HotswapPipeline:
-    """A prepared, adapted and compiled pipeline; ``swap`` replaces the adapter in place."""
+    """A prepared, adapted and compiled pipeline; ``swap`` replaces the adapter in place.
+
+    ``current_lora`` is the adapter loaded, or ``None`` when unknown: a swap that raised may have
+    written part of its adapter (diffusers swaps the denoiser, then fails on text-encoder keys).
+    """
 
     spec: PipelineSpec
     implementation: str
     options: HotswapOptions
     first_lora: LoraSource
-    current_lora: LoraSource = dataclasses.field(init=False)
+    current_lora: LoraSource | None = dataclasses.field(init=False)
     swaps: int = dataclasses.field(default=0, init=False)
-    _warm: set[str] = dataclasses.field(default_factory=set, init=False, repr=False)
     _layout: dict[str, tuple[Any, ...]] = dataclasses.field(init=False, repr=False)
+    _denoise_warm: bool = dataclasses.field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.current_lora = self.first_lora
@@ -551,6 +573,7 @@ class HotswapPipeline:
         An active ``CompileWatcher`` gets a step ``hotswap #N: <adapter> (rank R)`` (or ``label``)
         with that time, so a recompile on the next call names the swap that caused it.
         """
+        self.current_lora = None  # until the swap is done: one that raises may have written part
         start = time.perf_counter()
         _hotswap(self.spec, self.implementation, lora)
         if torch.device(self.options.device).type == "cuda":
@@ -566,7 +589,15 @@ class HotswapPipeline:
         return swap_ms
 
     def restore_first_adapter(self) -> None:
-        """Swap the first adapter back in (a hotswap, not a recompile) unless it is still loaded."""
+        """Put the pipeline back as built: first adapter, full strength (no recompile either way).
+
+        The first adapter is swapped back in unless it is known to be loaded. The reference keeps
+        a ``set_lora_scale`` strength across swaps, so its strength is reset to 1.0.
+        """
+        if self.implementation == "reference":
+            from pytest_hotswap.reference import set_lora_scale
+
+            set_lora_scale(self.spec.lora_target, 1.0, adapter_name=ADAPTER_NAME)
         if self.current_lora is not self.first_lora:
             self.swap(self.first_lora, label=f"restore first adapter of {self.name}")
 
@@ -578,8 +609,9 @@ class HotswapPipeline:
     def denoise(self, **inputs: Any) -> torch.Tensor:
         """One direct call of the compiled denoiser (``spec.inputs()`` when none are given).
 
-        Its first call compiles a new graph (other arguments than the pipeline passes), so that call
-        is labelled a warm-up for an active ``CompileWatcher``.
+        Its first call compiles its own graph, a first compile, so it must happen while the
+        first adapter is loaded (each test starts so): after a swap that compile could hide a
+        recompile the swap caused. Later calls that compile are recompiles like any other.
         """
         if not inputs:
             if self.spec.inputs is None:
@@ -588,27 +620,19 @@ class HotswapPipeline:
                     "or set PipelineSpec.inputs"
                 )
             inputs = self.spec.inputs()
-        scope = (
-            self.warmup_scope("denoise")
-            if "denoise" not in self._warm
-            else contextlib.nullcontext()
-        )
-        with torch.no_grad(), scope:
-            out = self.denoiser(**inputs)
+        with torch.no_grad():
+            if self._denoise_warm:
+                return _first_tensor(self.denoiser(**inputs))
+            if self.current_lora is not self.first_lora:
+                raise RuntimeError(
+                    f"{self.name}-{self.implementation}: the first denoise() call compiles its own "
+                    "graph and must come before the first swap of a test (while the first adapter "
+                    "is loaded), so that a recompile caused by a swap cannot pass as that compile"
+                )
+            with _warmup_scope(self, "denoise"):
+                out = self.denoiser(**inputs)
+            self._denoise_warm = True
         return _first_tensor(out)
-
-    @contextlib.contextmanager
-    def warmup_scope(self, call: str) -> Iterator[None]:
-        """Mark the compiles inside as first compiles of this configuration, not recompiles."""
-        watcher = _active_watcher()
-        label = f"warm-up {self.name}-{self.implementation} {call}"
-        with contextlib.ExitStack() as stack:
-            if watcher is not None:
-                stack.enter_context(watcher.warmup(label))
-            limit = max(torch._dynamo.config.recompile_limit, _WARMUP_RECOMPILE_LIMIT)
-            stack.enter_context(torch._dynamo.config.patch(recompile_limit=limit))
-            yield
-        self._warm.add(call)
 
 
 def _hotswap(spec: PipelineSpec, implementation: str, lora: LoraSource) -> None:

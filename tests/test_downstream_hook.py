@@ -1,4 +1,4 @@
-"""Edges of the downstream build hook: rebuilds, the factory cache and a hook returning garbage.
+"""Edges of the downstream build hook: rebuilds, the factory cache, a storm, a hook returning garbage.
 
 The happy path (a conftest building a plain nn.Module, swaps under the markers) is the example in
 ``examples/downstream``, run by ``tests/test_examples.py``.
@@ -75,10 +75,31 @@ def test_factory_caches_and_discards(hotswap_pipeline_factory):
 @pytest.mark.hotswap(pipeline="broken")
 def test_hook_returning_something_else(hotswap_pipeline):
     pass
+
+
+stormed = []
+
+
+def test_a_recompile_storm(hotswap_pipeline_factory, compile_watcher):
+    pipeline = hotswap_pipeline_factory("tiny", "reference", max_rank=4)
+    stormed.append(pipeline)
+    pipeline.denoise()  # the direct call's first compile, a warm-up
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):  # fullgraph: no fallback
+            pipeline.denoise(x=torch.ones(5, 8))
+    assert [event.kind for event in compile_watcher.events] == ["storm"]
+
+
+def test_the_next_test_gets_a_rebuilt_pipeline(hotswap_pipeline_factory):
+    pipeline = hotswap_pipeline_factory("tiny", "reference", max_rank=4)
+    assert pipeline is not stormed[0]
+    assert torch.equal(pipeline.run(), stormed[0].run())
 """
 
 
-def test_rebuild_after_reshape_factory_cache_and_bad_hook_result(pytester: pytest.Pytester) -> None:
+def test_rebuild_after_reshape_or_storm_factory_cache_and_bad_hook_result(
+    pytester: pytest.Pytester,
+) -> None:
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_downstream=TESTS)
     result = pytester.runpytest_subprocess(
@@ -103,7 +124,10 @@ def test_rebuild_after_reshape_factory_cache_and_bad_hook_result(pytester: pytes
             "*test_next_test_gets_an_intact_pipeline?tiny-diffusers? PASSED*",
             "*test_next_test_gets_an_intact_pipeline?tiny-reference? PASSED*",
             "*test_factory_caches_and_discards PASSED*",
+            # A pipeline whose test saw a recompile storm is not handed out again.
+            "*test_a_recompile_storm PASSED*",
+            "*test_the_next_test_gets_a_rebuilt_pipeline PASSED*",
             "*returned dict for 'broken'; return a pytest_hotswap.pipelines.PipelineSpec*",
         ]
     )
-    result.assert_outcomes(passed=3, failed=2, errors=2)
+    result.assert_outcomes(passed=5, failed=2, errors=2)

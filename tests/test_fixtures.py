@@ -1,19 +1,34 @@
 """The pipeline and adapter fixtures end to end, through pytester in fresh processes.
 
 Each run is a subprocess: torch's compile caches are process-global, and every diffusers model
-compiles the same frame, so only a fresh process shows what one session compiles.
+compiles the same frame, so only a fresh process shows what one session compiles. The option
+overrides and the session cache's restore-or-rebuild run in process, on a tiny plain module.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
+
+from pytest_hotswap import pipelines
+from pytest_hotswap.options import HotswapOptions
+from pytest_hotswap.pipelines import PipelineSpec, build_hotswap_pipeline
+from pytest_hotswap.plugin.fixtures import LoraFactory, PipelineCache
 
 SWAPS = """
 import json
+from pathlib import Path
 
 import pytest
+import torch
+
+from pytest_hotswap import pipelines
+from pytest_hotswap.options import HotswapOptions
+from pytest_hotswap.pipelines import PipelineSpec, build_hotswap_pipeline
+from pytest_hotswap.plugin.fixtures import LoraFactory, PipelineCache
 import torch
 
 
@@ -41,6 +56,12 @@ def test_swap_sequence(hotswap_pipeline, lora_factory):
     assert all(not torch.allclose(first, out) for out in outputs)
 
 
+def test_a_failed_swap(hotswap_pipeline, lora_factory):
+    # diffusers swaps the denoiser, then refuses the text-encoder keys: a half-swapped model.
+    with pytest.raises(ValueError, match="text.encoder"):
+        hotswap_pipeline.swap(lora_factory(hotswap_pipeline, text_encoder=True, seed=9))
+
+
 @pytest.mark.no_recompile
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_each_test_starts_from_the_first_adapter(hotswap_pipeline, lora_factory, seed):
@@ -62,7 +83,7 @@ def test_swaps_without_recompile_and_one_compile_per_configuration(
     result = pytester.runpytest_subprocess(
         "--hotswap-backend=eager", "--hotswap-max-rank=32", "-p", "no:cacheprovider", "-v"
     )
-    result.assert_outcomes(passed=16)
+    result.assert_outcomes(passed=20)
     result.stdout.fnmatch_lines(
         [
             "*test_swap_sequence?sd-diffusers? PASSED*",
@@ -78,7 +99,7 @@ def test_swaps_without_recompile_and_one_compile_per_configuration(
         # Built, compiled and warmed up in its first test's setup; all later tests reuse it. The
         # reference build compiles nothing new: same shapes, so it shares diffusers' cache entry.
         mine = [r for r in records if r["context"]["pipeline"] == pipeline]
-        assert len(mine) == 8
+        assert len(mine) == 10
         assert mine[0]["compiles"] == 1, mine[0]
         assert sum(r["compiles"] for r in mine) == 1
     assert all(r["recompiles"] == 0 for r in records)
@@ -93,7 +114,8 @@ def test_swaps_without_recompile_and_one_compile_per_configuration(
     swap_steps = [s for r in records for s in r["steps"] if s.startswith("hotswap #")]
     assert any("(rank 16)" in s for s in swap_steps)
     assert any(s.startswith("restore first adapter") for r in records for s in r["steps"])
-    # Every test saw the first adapter's output, whatever the previous test swapped in.
+    # Every test saw the first adapter's output, whatever the previous test swapped in, even
+    # half-way (test_a_failed_swap runs just before the seed-1 tests).
     import torch
 
     for pipeline, implementation in configs:
@@ -144,6 +166,10 @@ def test_lora_factory_caches_per_arguments(lora_factory):
 def test_factory_refuses_unknown_override(hotswap_pipeline_factory):
     with pytest.raises(TypeError, match="unknown override.*rank"):
         hotswap_pipeline_factory("flux", "diffusers", rank=4)
+
+
+def test_factory_refuses_a_bad_dtype(hotswap_pipeline_factory):
+    hotswap_pipeline_factory("flux", "diffusers", dtype="bf16")
 """
 
 BAD_MARKER = """
@@ -167,7 +193,7 @@ def test_recompile_is_caught_and_bad_configurations_are_clear(pytester: pytest.P
         "-p",
         "no:cacheprovider",
     )
-    result.assert_outcomes(passed=3, failed=1, errors=3)
+    result.assert_outcomes(passed=3, failed=2, errors=3)
     result.stdout.fnmatch_lines_random(
         [
             # The negative control: a real recompile, with the swap it followed and dynamo's guard.
@@ -178,5 +204,68 @@ def test_recompile_is_caught_and_bad_configurations_are_clear(pytester: pytest.P
             "*no pipeline named 'sdxl'; the built-in pipelines are sd, flux*",
             "*float8-dynamic*compute capability >= 8.9*",
             "*@pytest.mark.hotswap got unknown argument(s) pipelines; accepted: pipeline, max_rank*",
+            "*UsageError: *test_factory_refuses_a_bad_dtype: dtype='bf16': expected one of auto, "
+            "float32, bfloat16, float16; got 'bf16'",
         ]
     )
+
+
+def test_options_replace_validates_and_resolves_device_and_dtype() -> None:
+    options = HotswapOptions()
+    with pytest.raises(ValueError, match=r"^dtype='bf16': expected one of auto, float32, bfloat16"):
+        options.replace(dtype="bf16")
+    with pytest.raises(ValueError, match=r"^device='tpu': expected one of auto, cpu, cuda; got"):
+        options.replace(device="tpu")
+    assert options.replace(device="auto").device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert options.replace(device="cuda", dtype="auto").dtype == "bfloat16"
+    assert options.replace(dtype="auto").dtype == "float32"  # on the options' own device, cpu
+    assert options.replace(dtype="float16").dtype == "float16"
+
+
+class Proj(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def test_cache_restores_a_half_swapped_pipeline_and_rebuilds_one_it_cannot_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache's part of every test's start: restore what a failed swap wrote, or rebuild."""
+    options = HotswapOptions(max_rank=8, backend="eager")
+    cache = PipelineCache(config=None, loras=LoraFactory(tmp_path))  # type: ignore[arg-type]
+    builds = []
+
+    def build(name: str, implementation: str, options: HotswapOptions, targets: str) -> object:
+        torch.manual_seed(0)
+        model = Proj()
+        spec = PipelineSpec(name, model, run=lambda: model(torch.ones(1, 8)))
+        builds.append(build_hotswap_pipeline(spec, implementation, cache.loras(model), options))
+        return builds[-1]
+
+    def write_then_raise(*args: object) -> None:
+        real_hotswap(*args)
+        raise RuntimeError("failed half-way")
+
+    monkeypatch.setattr(cache, "_build", build)
+    pipeline = cache.get("tiny", "reference", options)
+    first = pipeline.run()
+    real_hotswap = pipelines._hotswap
+    with monkeypatch.context() as patch:
+        patch.setattr(pipelines, "_hotswap", write_then_raise)
+        with pytest.raises(RuntimeError, match="half-way"):
+            pipeline.swap(cache.loras(pipeline, rank=2, seed=1))
+    assert not torch.equal(pipeline.run(), first)
+    assert cache.get("tiny", "reference", options) is pipeline
+    assert torch.equal(pipeline.run(), first)  # restored by a swap, not rebuilt
+
+    def broken_restore() -> None:
+        raise RuntimeError("cannot restore")
+
+    monkeypatch.setattr(pipeline, "restore_first_adapter", broken_restore)
+    rebuilt = cache.get("tiny", "reference", options)
+    assert rebuilt is not pipeline and builds == [pipeline, rebuilt]
+    assert torch.equal(rebuilt.run(), first)

@@ -24,7 +24,8 @@ PAIRS = [(name, impl) for name in ("sd", "flux") for impl in ("diffusers", "refe
 
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], object]:
-    """Adapters per pipeline: the first one, ranks 4 / 16 / max, other alphas, a subset, too big."""
+    """Adapters per pipeline: the first one, ranks 4 / 16 / max, other alphas, a subset, too big,
+    one with text-encoder keys."""
     folder = tmp_path_factory.mktemp("loras")
     made = {}
     for name in ("sd", "flux"):
@@ -34,6 +35,7 @@ def loras(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], obj
         made[name, "max"] = make_lora(name, folder, rank=MAX_RANK, alpha=8, seed=3)
         made[name, "half"] = make_lora(name, folder, rank=4, targets="half", seed=4)
         made[name, "too big"] = make_lora(name, folder, rank=2 * MAX_RANK, seed=5)
+        made[name, "text encoder"] = make_lora(name, folder, rank=8, text_encoder=True, seed=6)
     return made
 
 
@@ -115,6 +117,18 @@ def test_swapped_output_equals_a_fresh_plain_load(ready: object, loras: dict, ke
     torch.testing.assert_close(ready.run(), expected, atol=1e-4, rtol=1e-4)  # padded math
 
 
+def test_restore_undoes_a_swap_that_raised_half_way(ready: object, loras: dict) -> None:
+    """diffusers swaps the denoiser, then refuses the text-encoder keys: the restore that every
+    test starts with must not take the first adapter for still loaded."""
+    before = ready.run()
+    with pytest.raises(ValueError, match=r"text.encoder"):
+        ready.swap(loras[ready.name, "text encoder"])
+    assert ready.current_lora is None
+    ready.restore_first_adapter()
+    assert ready.current_lora is ready.first_lora
+    assert torch.equal(ready.run(), before)
+
+
 def test_rank_above_max_recompiles_and_is_caught(loras: dict) -> None:
     """Negative control: PEFT replaces a too-large adapter's tensors, so dynamo must recompile."""
     spec = build_spec("flux", OPTIONS)
@@ -192,20 +206,57 @@ class DirectCallDenoiser(TinyDenoiser):
         return super().forward(x)
 
 
-def test_first_direct_denoiser_call_is_a_labelled_warmup(tmp_path) -> None:
-    """A direct call compiles a new graph; it is a first compile of that call, not a recompile."""
+class GrowingDenoiser(TinyDenoiser):
+    """Its own ``forward`` code object, like ``DirectCallDenoiser``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+def _direct_call_pipeline(model_class: type[torch.nn.Module], tmp_path) -> object:
     torch.manual_seed(0)
-    model = DirectCallDenoiser()
+    model = model_class()
     x = torch.ones(2, 8)
     spec = PipelineSpec("tiny", model, run=lambda: model(x), inputs=lambda: {"x": torch.ones(3, 8)})
-    pipeline = build_hotswap_pipeline(spec, "diffusers", make_lora(model, tmp_path), OPTIONS)
+    return build_hotswap_pipeline(spec, "diffusers", make_lora(model, tmp_path), OPTIONS)
+
+
+def test_first_direct_denoiser_call_is_a_warm_up(tmp_path) -> None:
+    """A direct call compiles a new graph (other inputs): its first call is a warm-up."""
     with CompileWatcher() as watcher:
+        pipeline = _direct_call_pipeline(DirectCallDenoiser, tmp_path)
         first = pipeline.denoise()
         second = pipeline.denoise()
     watcher.assert_no_recompile()
-    assert [event.step for event in watcher.events] == ["warmup: warm-up tiny-diffusers denoise"]
+    assert [event.step for event in watcher.events] == [
+        "warmup: warm-up tiny-diffusers run",
+        "warmup: warm-up tiny-diffusers denoise",
+    ]
     assert torch.equal(first, second)
     assert first.shape == (3, 8)
+
+
+def test_first_denoise_after_a_swap_is_refused(tmp_path) -> None:
+    """That warm-up could hide a recompile the swap caused: it must come before any swap."""
+    pipeline = _direct_call_pipeline(DirectCallDenoiser, tmp_path)
+    pipeline.swap(make_lora(pipeline.denoiser, tmp_path, rank=4, seed=1))
+    with pytest.raises(RuntimeError, match="must come before the first swap"):
+        pipeline.denoise()
+    pipeline.restore_first_adapter()
+    pipeline.denoise()  # the first adapter is back: now it may warm up
+
+
+def test_denoise_after_a_rank_growing_swap_is_a_recompile(tmp_path) -> None:
+    """Negative control: PEFT grows the LoRA tensors past max_rank, so the next direct call
+    recompiles and must be reported as such."""
+    pipeline = _direct_call_pipeline(GrowingDenoiser, tmp_path)
+    pipeline.denoise()
+    with CompileWatcher() as watcher:
+        pipeline.swap(make_lora(pipeline.denoiser, tmp_path, rank=2 * MAX_RANK, seed=1))
+        pipeline.denoise()
+    assert [event.kind for event in watcher.events] == ["recompile"]
+    assert "(rank 64)" in watcher.events[0].step
+    assert any("lora" in reason for reason in watcher.events[0].reasons)
 
 
 def test_plain_module_rank_above_max_recompiles_with_peft(tmp_path) -> None:
@@ -220,6 +271,25 @@ def test_plain_module_rank_above_max_recompiles_with_peft(tmp_path) -> None:
         pipeline.run()
     assert watcher.recompiles >= 1
     assert all("rank 64" in event.step for event in watcher.events if event.is_recompile)
+
+
+def test_restore_resets_the_reference_strength(tmp_path) -> None:
+    """``set_lora_scale`` outlives swaps by design; a test must still start at full strength."""
+    from pytest_hotswap.reference import set_lora_scale
+
+    torch.manual_seed(0)
+    model = TinyDenoiser()
+    x = torch.ones(2, 8)
+    spec = PipelineSpec(name="tiny", denoiser=model, run=lambda: model(x))
+    pipeline = build_hotswap_pipeline(spec, "reference", make_lora(model, tmp_path), OPTIONS)
+    full = pipeline.run()
+    for other in (None, make_lora(model, tmp_path, rank=4, seed=1)):
+        set_lora_scale(pipeline.denoiser, 0.25)
+        if other is not None:
+            pipeline.swap(other)
+        assert not torch.allclose(pipeline.run(), full)
+        pipeline.restore_first_adapter()
+        assert torch.equal(pipeline.run(), full)
 
 
 @pytest.mark.parametrize("impl", ["diffusers", "reference"])

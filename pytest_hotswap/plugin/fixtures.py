@@ -3,7 +3,8 @@
 ``hotswap_pipeline`` is parametrized over ``--hotswap-pipelines`` x ``--hotswap-implementations``
 (ids like ``sd-diffusers``). Built pipelines are cached for the session per distinct configuration,
 so a file of many tests compiles each configuration once; every test starts from the pipeline's
-first adapter, put back by a hotswap, not a recompile.
+first adapter at full strength, put back by a hotswap, not a recompile. A pipeline a test left
+unusable (re-shaped, not restorable, or hit by a recompile storm) is rebuilt instead.
 
 Nothing heavy is imported at module level: torch and diffusers load when a fixture first runs.
 """
@@ -11,7 +12,7 @@ Nothing heavy is imported at module level: torch and diffusers load when a fixtu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,11 +141,7 @@ class LoraFactory:
 
 @dataclasses.dataclass
 class PipelineCache:
-    """Built pipelines of the session, one per (name, implementation, build options).
-
-    A pipeline whose LoRA tensors a test re-shaped (a rank above max_rank through PEFT) is no
-    longer what its configuration says, so it is rebuilt instead of reused.
-    """
+    """Built pipelines of the session, one per (name, implementation, build options)."""
 
     config: pytest.Config
     loras: LoraFactory
@@ -159,18 +156,20 @@ class PipelineCache:
         options: HotswapOptions,
         first_targets: str | Sequence[str] = "all",
     ) -> HotswapPipeline:
+        """The configuration's pipeline on its first adapter at full strength, built if need be."""
         targets = first_targets if isinstance(first_targets, str) else tuple(first_targets)
         key = (name, implementation, targets, *(getattr(options, f) for f in BUILD_OPTIONS))
         cached = self._built.get(key)
-        if cached is None or (not isinstance(cached, BaseException) and cached.layout_changed()):
-            try:
-                self._built[key] = self._build(name, implementation, options, first_targets)
-            except Exception as error:  # a broken configuration fails each test, built once
-                self._built[key] = error
-        built = self._built[key]
-        if isinstance(built, BaseException):
-            raise built
-        return built
+        if isinstance(cached, BaseException):  # a broken configuration fails each test, built once
+            raise cached
+        if cached is not None and _restored(cached):
+            return cached
+        try:
+            self._built[key] = self._build(name, implementation, options, first_targets)
+        except Exception as error:
+            self._built[key] = error
+            raise
+        return self._built[key]
 
     def discard(self, pipeline: HotswapPipeline) -> None:
         """Forget ``pipeline``: the next request for its configuration builds a fresh one."""
@@ -186,7 +185,6 @@ class PipelineCache:
         from pytest_hotswap import pipelines
 
         pipelines.check_implementation(implementation)
-        pipelines.check_quantization(options.quantize, options.device)
         spec = self.config.hook.pytest_hotswap_build_pipeline(name=name, options=options)
         if spec is None:
             raise pytest.UsageError(
@@ -202,6 +200,21 @@ class PipelineCache:
         rank = min(FIRST_ADAPTER_RANK, options.max_rank)
         first = self.loras(spec.lora_target, rank=rank, targets=first_targets)
         return pipelines.build_hotswap_pipeline(spec, implementation, first, options)
+
+
+def _restored(pipeline: HotswapPipeline) -> bool:
+    """Put a cached pipeline back as built; ``False`` when that is not possible, so it is rebuilt.
+
+    A test may have re-shaped its LoRA tensors (a rank above max_rank through PEFT: no longer
+    padded to max_rank) or left it half-swapped in a way the first adapter cannot undo.
+    """
+    if pipeline.layout_changed():
+        return False
+    try:
+        pipeline.restore_first_adapter()
+    except Exception:  # the test that broke it has failed already; the next one gets a new build
+        return False
+    return not pipeline.layout_changed()
 
 
 _CACHE_KEY = pytest.StashKey[PipelineCache]()
@@ -241,6 +254,7 @@ class PipelineFactory:
     options: HotswapOptions
     watcher: CompileWatcher
     where: str
+    handed_out: list[HotswapPipeline] = dataclasses.field(default_factory=list)
 
     def __call__(
         self,
@@ -252,7 +266,7 @@ class PipelineFactory:
     ) -> HotswapPipeline:
         options = _apply(self.options, overrides, self.where)
         pipeline = self.cache.get(name, implementation, options, first_targets)
-        pipeline.restore_first_adapter()
+        self.handed_out.append(pipeline)
         self.watcher.context.update(
             pipeline=name,
             implementation=implementation,
@@ -267,6 +281,16 @@ class PipelineFactory:
         """Drop ``pipeline`` from the session cache, after a test that may have broken it."""
         self.cache.discard(pipeline)
 
+    def discard_after_storm(self) -> None:
+        """Drop every pipeline handed out when the test's watcher saw a recompile storm.
+
+        Past ``recompile_limit`` dynamo stops compiling that frame and runs it eagerly from then
+        on, so a pipeline in that state would pass later tests without running compiled code.
+        """
+        if self.watcher.had_storm:
+            for pipeline in self.handed_out:
+                self.discard(pipeline)
+
 
 @pytest.fixture
 def hotswap_pipeline_factory(
@@ -274,15 +298,17 @@ def hotswap_pipeline_factory(
     hotswap_options: HotswapOptions,
     compile_watcher: CompileWatcher,
     tmp_path_factory: pytest.TempPathFactory,
-) -> PipelineFactory:
+) -> Iterator[PipelineFactory]:
     """``hotswap_pipeline_factory(name, implementation="diffusers", **overrides)``: a ready pipeline
     from the session cache; ``.discard(pipeline)`` drops one a test may have broken."""
     where = request.node.nodeid
     marked = {k: v for k, v in marker_overrides(request.node).items() if k != "pipeline"}
     options = _apply(hotswap_options, marked, where)
-    return PipelineFactory(
+    factory = PipelineFactory(
         _cache(request.config, tmp_path_factory), options, compile_watcher, where
     )
+    yield factory
+    factory.discard_after_storm()
 
 
 @pytest.fixture
