@@ -32,7 +32,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 KIND_COMPILE = "compile"
@@ -621,7 +621,7 @@ class _Tap:
             )
 
     def _new_guard_failures(self, frame: str, filename: str, lineno: int) -> tuple[str, ...]:
-        """Guard-failure texts dynamo appended for this frame since the last look, newest entry first."""
+        """Guard-failure texts dynamo appended for this frame since the last look, relevant first."""
         from torch._dynamo.utils import guard_failures
 
         found: list[str] = []
@@ -633,7 +633,24 @@ class _Tap:
                 seen = 0
             found.extend(texts[seen:])
             self._guard_failures_seen[code] = len(texts)
-        return tuple(found)
+        return relevant_first(found)
+
+
+# A cache entry whose first failing guard is about the call's structure belongs to another model
+# or call signature sharing the frame (every diffusers model compiles apply_lora_scale's wrapper).
+_STRUCTURAL_GUARD = re.compile(
+    r"^(\d+/\d+: )?(len\((args|kwargs)\) == \d+|not args\b|___check_(type|obj)_id\(self\b)"
+)
+
+
+def relevant_first(reasons: Iterable[str]) -> tuple[str, ...]:
+    """Dynamo's reasons with those of entries for other models or call signatures moved last.
+
+    The order is otherwise kept, so the first reason is the guard that failed for the model
+    that was called: a LoRA shape or a scaling, rather than ``len(args) == 2`` of another model.
+    """
+    reasons = tuple(reasons)
+    return tuple(sorted(reasons, key=lambda reason: bool(_STRUCTURAL_GUARD.match(reason))))
 
 
 def _current_compile_id() -> str:

@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 
-from pytest_hotswap.watch import CompileWatcher, RecompileError, shorten_reason
+from pytest_hotswap.watch import CompileWatcher, RecompileError, relevant_first, shorten_reason
 
 
 class _Scaled(torch.nn.Module):
@@ -375,3 +375,16 @@ def test_compile_metrics_left_off_fail_when_counts_are_read() -> None:
     ]
     with pytest.raises(RecompileError, match="log_compilation_metrics is False"):
         watch.assert_no_recompile()
+
+
+def test_reasons_of_other_models_sharing_the_frame_come_last():
+    """Every diffusers model compiles one frame: the called model's own guard must come first."""
+    reasons = [
+        "0/0: len(args) == 2  # result = forward_fn(self, *args, **kwargs)",
+        "0/1: ___check_type_id(self, 94778725611840), type=<class 'FluxTransformer2DModel'>",
+        "0/2: not args  # attention_kwargs = kwargs.get(kwargs_name)",
+        "0/3: tensor 'self.conv_in.lora_A.default.weight' size mismatch at index 0",
+        "0/4: not kwargs['cross_attention_kwargs']",
+    ]
+    assert relevant_first(reasons) == (reasons[3], reasons[4], reasons[0], reasons[1], reasons[2])
+    assert relevant_first(reasons[3:]) == tuple(reasons[3:])  # otherwise the order is kept
