@@ -23,8 +23,6 @@ from pytest_hotswap.reference.components import (
     unwrap_compiled,
 )
 
-#: What ``targets="half"`` and ``targets="all"`` mean: see :func:`select_targets`.
-TARGET_SETS = ("all", "half")
 FORMATS = ("diffusers", "kohya")
 #: Text-encoder layers an adapter targets with ``text_encoder=True``: the attention projections
 #: that diffusers' training scripts adapt.
