@@ -84,6 +84,49 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     )
 
 
+def tensor_layout(model: torch.nn.Module) -> dict[str, tuple[Any, ...]]:
+    """Every parameter, buffer and LoRA scaling tensor: object, shape, stride, dtype, device and
+    storage (pointer and offset). A swap or a refused swap must leave all of it as it was."""
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for name, module in model.named_modules():
+        for adapter, scaling in getattr(module, "scaling", {}).items():
+            if isinstance(scaling, torch.Tensor):
+                tensors[f"{name}.scaling.{adapter}"] = scaling
+    return {
+        name: (
+            id(t),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+            t.device,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+        )
+        for name, t in tensors.items()
+    }
+
+
+def write_with_metadata(path: Path, state: dict[str, torch.Tensor], metadata: Any) -> Path:
+    """A safetensors adapter whose ``lora_adapter_metadata`` is ``metadata`` as JSON (any value)."""
+    import safetensors.torch
+
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(path),
+        metadata={"format": "pt", "lora_adapter_metadata": json.dumps(metadata)},
+    )
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The ``lora_adapter_metadata`` object of an adapter file."""
+    import safetensors
+
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        return json.loads((handle.metadata() or {})["lora_adapter_metadata"])
+
+
 def parameter_identity(
     model: torch.nn.Module,
 ) -> dict[str, tuple[int, torch.Size, torch.dtype, torch.device]]:
@@ -101,3 +144,59 @@ def compile_environment() -> Iterator[None]:
     """
     with pipelines.quiet_diffusers(), torch._dynamo.config.patch(recompile_limit=64):
         yield
+
+
+@dataclass
+class Served:
+    """A prepared, compiled (eager backend) and warmed-up tiny model, and its first adapter."""
+
+    arch: Arch
+    model: torch.nn.Module  # the eager model the compiled one wraps
+    compiled: torch.nn.Module
+    output: torch.Tensor  # the compiled model's output with the first adapter
+    first: Path  # the first adapter's file
+    state: dict[str, torch.Tensor]  # its tensors
+    metadata: dict[str, Any]  # its lora_adapter_metadata
+
+    @classmethod
+    def build(cls, arch: Arch, directory: Path, max_rank: int, **lora: Any) -> Served:
+        import safetensors.torch
+
+        from pytest_hotswap.adapters import make_lora
+        from pytest_hotswap.reference import prepare_for_hotswap
+        from pytest_hotswap.watch import CompileWatcher
+
+        first = make_lora(arch.build(), directory / f"{arch.name}_first.safetensors", **lora)
+        model = arch.with_lora(first)
+        prepare_for_hotswap(model, max_rank)
+        compiled = torch.compile(model, backend="eager")
+        with CompileWatcher() as watch, watch.warmup(arch.name):
+            output = arch.run(compiled)
+        return cls(
+            arch,
+            model,
+            compiled,
+            output,
+            first,
+            safetensors.torch.load_file(first),
+            read_metadata(first),
+        )
+
+    def untouched(self) -> Callable[[], None]:
+        """Snapshot the model; the returned check asserts it is bit-for-bit the same, with the
+        same tensor objects and storage, and that the compiled model still gives the first
+        output without compiling anything."""
+        from pytest_hotswap.watch import CompileWatcher
+
+        checksum, layout = model_checksum(self.model), tensor_layout(self.model)
+
+        def check() -> None:
+            __tracebackhide__ = True
+            assert model_checksum(self.model) == checksum, "the model changed"
+            assert tensor_layout(self.model) == layout, "a tensor changed object or storage"
+            with CompileWatcher() as watch:
+                again = self.arch.run(self.compiled)
+            assert watch.compiles == 0 and watch.recompiles == 0, watch.events
+            assert torch.equal(again, self.output)
+
+        return check

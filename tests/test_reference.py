@@ -263,11 +263,19 @@ def test_pipeline_and_every_adapter_format_give_the_same_swap(tmp_path) -> None:
     pipe.load_lora_weights(str(first), adapter_name="default")
     prepare_for_hotswap(pipe, MAX_RANK)
     pipe.unet = torch.compile(pipe.unet, backend="eager")
+    # Zero padding (rank 8 -> 16) changes the inner dimension of every LoRA matmul and so the fp32
+    # summation order: diffusers' own padding (enable_lora_hotswap(target_rank=16)) moves this
+    # output by 1.4e-5 from the unpadded load. The latents are ~8 in magnitude (fp32 rounding
+    # ~1e-6 each) after two denoising steps, so 1e-4 is 7x what padding alone does and still
+    # 4e4 times below the difference between any two of these adapters (>= 4.4).
+    tolerance = {"rtol": 1e-4, "atol": 1e-4}
     expected = fresh_output(as_diffusers)
     for adapter in (as_diffusers, as_kohya):
         hotswap(pipe, adapter)
-        torch.testing.assert_close(pipe(**pipelines.sd_call_kwargs())[0], expected)
+        torch.testing.assert_close(pipe(**pipelines.sd_call_kwargs())[0], expected, **tolerance)
     hotswap(pipe, peft_state)
     torch.testing.assert_close(
-        pipe(**pipelines.sd_call_kwargs())[0], fresh_output(tmp_path / "peft.safetensors")
+        pipe(**pipelines.sd_call_kwargs())[0],
+        fresh_output(tmp_path / "peft.safetensors"),
+        **tolerance,
     )

@@ -210,7 +210,12 @@ def test_pickle_and_bin_files_are_refused(served, first_state, tmp_path) -> None
     with path.open("wb") as handle:
         pickle.dump(first_state, handle)
     _assert_refused_untouched(
-        served, lambda: hotswap(served[1], path), InvalidAdapterError, "only .safetensors"
+        served, lambda: hotswap(served[1], path), InvalidAdapterError, "is a pickle .* can run code"
+    )
+    other = tmp_path / "adapter.bin"
+    other.write_bytes(safetensors.torch.save(first_state))
+    _assert_refused_untouched(
+        served, lambda: hotswap(served[1], other), InvalidAdapterError, "only .safetensors"
     )
 
 

@@ -8,6 +8,9 @@ import torch
 
 #: Pipeline attributes that hold the model a denoiser LoRA targets, in diffusers' naming.
 DENOISER_NAMES = ("unet", "transformer")
+#: Pipeline attributes of the text encoders diffusers loads LoRA keys into (``text_encoder.``,
+#: ``text_encoder_2.`` ... keys).
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def unwrap_compiled(module: torch.nn.Module) -> torch.nn.Module:
@@ -35,6 +38,15 @@ def find_denoiser(model_or_pipeline: Any) -> tuple[str | None, torch.nn.Module]:
         f"expected a torch.nn.Module or a diffusers pipeline with a {' or '.join(DENOISER_NAMES)} "
         f"component, got {type(model_or_pipeline).__name__}; pass the denoiser model itself"
     )
+
+
+def find_text_encoders(model_or_pipeline: Any) -> dict[str, torch.nn.Module]:
+    """The pipeline's text encoders as stored (a compiled wrapper stays visible), by attribute
+    name; none for a bare model."""
+    if isinstance(model_or_pipeline, torch.nn.Module):
+        return {}
+    found = {name: getattr(model_or_pipeline, name, None) for name in TEXT_ENCODER_NAMES}
+    return {name: module for name, module in found.items() if isinstance(module, torch.nn.Module)}
 
 
 def denoiser_prefix(model_or_pipeline: Any) -> str:
