@@ -68,6 +68,8 @@ class Adapter:
     configs: dict[str, Any]
     keys: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
+    #: Every ``(dtype, device)`` among the tensors (possibly a few more: popped alpha tensors).
+    kinds: frozenset[tuple[torch.dtype, torch.device]] = frozenset()
 
     @property
     def config(self) -> Any:
@@ -88,7 +90,7 @@ def read_adapter(
     unreadable or malformed raises ``InvalidAdapterError``.
     """
     state, metadata = _source(lora)
-    _check_tensors(state)
+    kinds = _check_tensors(state)
     _check_alpha_tensors(state)
     if not text_encoders:
         _refuse_text_encoder_keys(list(state))
@@ -103,7 +105,7 @@ def read_adapter(
         raise InvalidAdapterError(f"diffusers could not read the adapter: {error}") from error
     state_dict, network_alphas = _unpack(loaded)
     alphas = _checked_network_alphas(network_alphas)
-    if not text_encoders:
+    if not text_encoders and state_dict is not state:  # converted: new keys to check
         _refuse_text_encoder_keys(list(state_dict))
 
     parts = _split(state_dict, text_encoders)
@@ -126,7 +128,15 @@ def read_adapter(
     keys = tuple(tensors)
     shapes = tuple(map(_SHAPE, tensors.values()))
     configs = _configs(part_tensors, alphas, metadata, prefix, text_encoders, keys, shapes)
-    return Adapter(tensors=tensors, configs=configs, keys=keys, shapes=shapes)
+    if state_dict is not state:  # diffusers converted: the values may be new tensors
+        kinds = set(map(_KIND, tensors.values()))
+    return Adapter(
+        tensors=tensors,
+        configs=configs,
+        keys=keys,
+        shapes=shapes,
+        kinds=frozenset((kind[3], kind[4]) for kind in kinds),
+    )
 
 
 def adapter_layers(adapter: Adapter) -> dict[str, int]:
@@ -190,14 +200,14 @@ def _read_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], d
 
 _PLAIN_TENSORS = {torch.Tensor, torch.nn.Parameter}
 _SHAPE = operator.attrgetter("shape")
-_DENSE = (torch.strided, False, False)
-_LAYOUT = operator.attrgetter("layout", "is_meta", "is_nested")
+_KIND = operator.attrgetter("layout", "is_meta", "is_nested", "dtype", "device")
 
 
-def _check_tensors(state: dict[Any, Any]) -> None:
+def _check_tensors(state: dict[Any, Any]) -> set[tuple[Any, ...]]:
     """str keys mapped to dense, materialized tensors; anything else cannot be copied in place.
+    Returns the set of ``(layout, is_meta, is_nested, dtype, device)`` of the values.
 
-    The common case costs three C-level passes (key types, value types, layouts), no Python per key.
+    The common case costs three C-level passes (key types, value types, kinds), no Python per key.
     """
     values = state.values()
     if set(map(type, state)) != {str} or not (
@@ -211,9 +221,10 @@ def _check_tensors(state: dict[Any, Any]) -> None:
         raise InvalidAdapterError(
             f"a LoRA state dict maps str keys to tensors; bad entries: {', '.join(bad[:5])}"
         )
-    if set(map(_LAYOUT, values)) == {_DENSE}:
-        return
-    odd = [k for k, v in state.items() if _LAYOUT(v) != _DENSE]
+    kinds = set(map(_KIND, values))
+    if all(kind[:3] == (torch.strided, False, False) for kind in kinds):
+        return kinds
+    odd = [k for k, v in state.items() if _KIND(v)[:3] != (torch.strided, False, False)]
     key = odd[0]
     tensor = state[key]
     kind = (
@@ -231,6 +242,8 @@ def _check_tensors(state: dict[Any, Any]) -> None:
 
 def _check_alpha_tensors(state: dict[str, torch.Tensor]) -> None:
     """A per-layer alpha (kohya ``*.alpha``, some Flux files) is one finite number."""
+    if not any(map(str.endswith, state, repeat(".alpha"))):
+        return
     for key in [k for k in state if k.endswith(".alpha")]:
         tensor = state[key]
         if tensor.numel() != 1:
@@ -328,6 +341,10 @@ def _split(
 def _strip(state: Mapping[str, torch.Tensor], head: str) -> dict[str, torch.Tensor]:
     """``state`` with ``head`` removed from its keys; a key then named twice is ambiguous."""
     size = len(head)
+    if all(map(str.startswith, state, repeat(head))):  # the common case, all C-level
+        return dict(
+            zip(map(operator.itemgetter(slice(size, None)), state), state.values(), strict=True)
+        )
     stripped = {(k[size:] if k.startswith(head) else k): v for k, v in state.items()}
     if len(stripped) == len(state):
         return stripped
@@ -348,7 +365,7 @@ def _denoiser_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     any prefixed key is taken as is; keys of other components stay, to be reported as unexpected
     targets."""
     head = f"{prefix}."
-    if any(k.startswith(head) for k in state):
+    if any(map(str.startswith, state, repeat(head))):
         state = _strip(state, head)
     return _peft_keys(state)
 

@@ -133,8 +133,10 @@ class Layout:
     targeted: list[int] = field(default_factory=list)
     #: Zero views, per the layout that was written before (bounded, most recent last).
     zeros: OrderedDict[Layout, list[torch.Tensor]] = field(default_factory=OrderedDict)
-    #: Base scalings per layer position, per adapter config signature.
+    #: Base scalings per layer position, per adapter config signature; and the checked values
+    #: (base x slot weight) per signature and weight.
     scalings: dict[Any, list[float]] = field(default_factory=dict)
+    values: dict[Any, Any] = field(default_factory=dict)
 
 
 class Liveness:
@@ -244,9 +246,8 @@ class AdapterIndex:
     layouts: OrderedDict[tuple[Any, ...], Layout] = field(
         default_factory=OrderedDict, init=False, repr=False
     )
-    #: Per slot: its scaling tensors grouped by device, and their positions grouped by dtype.
+    #: Per slot: its scaling tensors grouped by device and dtype (see swap._scaling_groups).
     scaling_groups: dict[int, Any] = field(default_factory=dict, init=False, repr=False)
-    scaling_dtypes: dict[int, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.by_key = {}

@@ -133,7 +133,7 @@ class _Swap:
     sources: list[torch.Tensor]
     zeros: list[torch.Tensor]
     base_scalings: list[float]
-    values: list[float]
+    values: _Values
 
     def commit(self) -> None:
         with torch.no_grad():
@@ -182,8 +182,14 @@ def _planned(model_or_pipeline: Any, lora: LoraSource, adapter_name: str, slot: 
         layout = _new_layout(index, k, adapter)
         index.remember(key, layout)
     sources = _sources(layout, adapter)
-    base = _base_scalings(index, k, layout, adapter)
-    values = _scaling_values(index, k, base, index.states[k].weight, scale_changed=False)
+    signature, base = _base_scalings(index, k, layout, adapter)
+    weight = index.states[k].weight
+    values = layout.values.get((signature, weight))
+    if values is None:
+        values = _scaling_values(index, k, base, weight, scale_changed=False)
+        if len(layout.values) >= _ZERO_CACHE_SIZE:
+            layout.values.clear()
+        layout.values[(signature, weight)] = values
     _check_finite(layout, sources)
     return _Swap(index, k, layout, sources, _zeros(index, k, layout), base, values)
 
@@ -273,7 +279,7 @@ def _sources(layout: Layout, adapter: Adapter) -> list[torch.Tensor]:
     """The adapter's tensors in destination order, cast to each destination's dtype and device;
     LoRA weights must be floating point."""
     values = list(adapter.tensors.values())
-    kinds = set(map(_DTYPE_DEVICE, values))
+    kinds = adapter.kinds or set(map(_DTYPE_DEVICE, values))
     not_float = [dtype for dtype, _ in kinds if not dtype.is_floating_point]
     if not_float:
         key = next(k for k, v in adapter.tensors.items() if v.dtype in not_float)
@@ -356,14 +362,17 @@ def _config_signature(config: Any) -> tuple[Any, ...]:
     )
 
 
-def _base_scalings(index: AdapterIndex, k: int, layout: Layout, adapter: Adapter) -> list[float]:
-    """``alpha / r`` per layer position (0 where the layout targets nothing), cached per config."""
+def _base_scalings(
+    index: AdapterIndex, k: int, layout: Layout, adapter: Adapter
+) -> tuple[tuple[Any, ...], list[float]]:
+    """``alpha / r`` per layer position (0 where the layout targets nothing), cached per config;
+    returned with the config signature it is cached under."""
     signature = tuple(
         (component, _config_signature(config)) for component, config in adapter.configs.items()
     )
     cached = layout.scalings.get(signature)
     if cached is not None:
-        return cached
+        return signature, cached
     entries = index.by_slot[k]
     base = [0.0] * len(entries)
     for position in layout.targeted:
@@ -372,7 +381,7 @@ def _base_scalings(index: AdapterIndex, k: int, layout: Layout, adapter: Adapter
     if len(layout.scalings) >= _ZERO_CACHE_SIZE:
         layout.scalings.clear()
     layout.scalings[signature] = base
-    return base
+    return signature, base
 
 
 def _scaling(slot: LoraSlot, rank: int, config: Any) -> float:
@@ -401,85 +410,72 @@ def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
     return pattern.get(get_pattern_key(pattern.keys(), name), default)
 
 
+@dataclass(eq=False)
+class _Values:
+    """Checked scaling values of a slot, and per scaling group (see :func:`_scaling_groups`) the
+    same values as a CPU tensor rounded to the group's dtype: what is written."""
+
+    values: list[float]
+    rounded: list[torch.Tensor]
+
+
 def _scaling_values(
     index: AdapterIndex, k: int, base: list[float], weight: float, *, scale_changed: bool
-) -> list[float]:
-    """``base * weight`` per layer, refused when any is not finite in its scaling's dtype."""
-    values = [b * weight for b in base] if weight != 1.0 else base
-    entries = index.by_slot[k]
-    for dtype, positions in _scaling_dtypes(index, k).items():
-        chosen = values if positions is None else [values[p] for p in positions]
-        if _finite_in(dtype, chosen):
-            continue
-        for position in positions if positions is not None else range(len(values)):
-            if not _finite_in(dtype, [values[position]]):
-                entry = entries[position]
-                if scale_changed:
-                    raise HotswapError(
-                        f"scale {weight!r} makes the scaling of {entry.qualified_name} "
-                        f"{base[position]!r} x {weight!r} = {values[position]!r}, which is not "
-                        f"finite in its dtype {dtype} (largest: {torch.finfo(dtype).max:.4g}); "
-                        "use a smaller scale"
-                    )
-                raise InvalidAdapterError(
-                    f"{entry.qualified_name}: the adapter's alpha / rank gives a scaling of "
-                    f"{base[position]!r} (x weight {weight!r}), which is not finite in the "
-                    f"scaling's dtype {dtype} (largest: {torch.finfo(dtype).max:.4g}); the "
-                    "adapter's lora_alpha is broken"
-                )
-    return values
+) -> _Values:
+    """``base * weight`` per layer, refused when any is not finite in its scaling's dtype.
 
-
-def _scaling_dtypes(index: AdapterIndex, k: int) -> dict[torch.dtype, list[int] | None]:
-    """Positions of slot ``k``'s scalings per dtype (``None``: all of them)."""
-    cache = index.scaling_dtypes
-    groups = cache.get(k)
-    if groups is None:
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for entry in index.by_slot[k]:
-            by_dtype.setdefault(entry.scaling.dtype, []).append(entry.position)
-        groups = {d: (None if len(by_dtype) == 1 else p) for d, p in by_dtype.items()}
-        cache[k] = groups
-    return groups
-
-
-def _finite_in(dtype: torch.dtype, values: list[float]) -> bool:
-    """Whether every value stays finite once written into a tensor of ``dtype``: scalars are
-    rounded to float32 (the math type of float32 / float16 / bfloat16 ops), then to ``dtype``."""
-    if dtype == torch.float64 or not dtype.is_floating_point:
-        return all(math.isfinite(v) for v in values)
-    rounded = torch.tensor(values, dtype=torch.float32)
-    if dtype != torch.float32:
-        rounded = rounded.to(dtype)
-    return bool(rounded.isfinite().all())
-
-
-def _write_scalings(index: AdapterIndex, k: int, values: list[float]) -> None:
-    """Write ``values`` into slot ``k``'s 0-dim scalings, batched per device and dtype.
-
-    Each value is rounded as ``torch.tensor(values)`` rounds it (to float32, or float64 for
-    float64 scalings) and copied with one ``_foreach_copy_``. On the CPU, where a foreach op over
-    0-dim tensors costs microseconds per tensor, the current values are read first (one stack)
-    and an unchanged group is not written again; on a GPU the write is a few kernel launches and
-    no host sync, so it is always done.
+    A value is rounded as it will be written: ``torch.tensor(values)`` (float32, or float64 for
+    float64 scalings), then cast to the scaling's dtype.
     """
-    for tensors, positions, device, dtype in _scaling_groups(index, k):
+    values = [b * weight for b in base] if weight != 1.0 else base
+    rounded = []
+    for _, positions, _, dtype in _scaling_groups(index, k):
         chosen = values if positions is None else [values[p] for p in positions]
-        rounded = torch.tensor(
+        group = torch.tensor(
             chosen, dtype=torch.float64 if dtype == torch.float64 else torch.float32
-        )
+        ).to(dtype)
+        if dtype.is_floating_point and not bool(group.isfinite().all()):
+            bad = int((~group.isfinite()).nonzero()[0])
+            position = bad if positions is None else positions[bad]
+            entry = index.by_slot[k][position]
+            if scale_changed:
+                raise HotswapError(
+                    f"scale {weight!r} makes the scaling of {entry.qualified_name} "
+                    f"{base[position]!r} x {weight!r} = {values[position]!r}, which is not "
+                    f"finite in its dtype {dtype} (largest: {torch.finfo(dtype).max:.4g}); "
+                    "use a smaller scale"
+                )
+            raise InvalidAdapterError(
+                f"{entry.qualified_name}: the adapter's alpha / rank gives a scaling of "
+                f"{base[position]!r} (x weight {weight!r}), which is not finite in the "
+                f"scaling's dtype {dtype} (largest: {torch.finfo(dtype).max:.4g}); the "
+                "adapter's lora_alpha is broken"
+            )
+        rounded.append(group)
+    return _Values(values, rounded)
+
+
+def _write_scalings(index: AdapterIndex, k: int, values: _Values) -> None:
+    """Write checked values into slot ``k``'s 0-dim scalings, one ``_foreach_copy_`` per device
+    and dtype. On the CPU, where a foreach op over 0-dim tensors costs microseconds per tensor,
+    the current values are read first (one stack) and an unchanged group is not written again;
+    on a GPU the write is a few kernel launches and no host sync, so it is always done."""
+    for (tensors, _, device, _), rounded in zip(
+        _scaling_groups(index, k), values.rounded, strict=True
+    ):
         if device.type == "cpu":
-            rounded = rounded.to(dtype)
             if torch.equal(torch.stack(tensors), rounded):
                 continue
         else:
-            rounded = rounded.to(device=device, dtype=dtype)
+            rounded = rounded.to(device)
         torch._foreach_copy_(tensors, list(rounded.unbind()))
 
 
 def _scaling_groups(
     index: AdapterIndex, k: int
 ) -> list[tuple[list[torch.Tensor], list[int] | None, torch.device, torch.dtype]]:
+    """Slot ``k``'s scaling tensors per device and dtype, with their layer positions (``None``:
+    one group holding every layer, in order)."""
     cache = index.scaling_groups
     groups = cache.get(k)
     if groups is None:
