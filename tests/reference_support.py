@@ -160,6 +160,15 @@ class Served:
 
     @classmethod
     def build(cls, arch: Arch, directory: Path, max_rank: int, **lora: Any) -> Served:
+        """Built once per process and arguments: compiling a tiny UNet costs seconds, and the
+        test modules that share one (refusals, fuzzing) each leave it as they found it."""
+        key = (arch.name, max_rank, tuple(sorted(lora.items())))
+        if key not in _SERVED:
+            _SERVED[key] = cls._build(arch, directory, max_rank, **lora)
+        return _SERVED[key]
+
+    @classmethod
+    def _build(cls, arch: Arch, directory: Path, max_rank: int, **lora: Any) -> Served:
         import safetensors.torch
 
         from pytest_hotswap.adapters import make_lora
@@ -200,3 +209,6 @@ class Served:
             assert torch.equal(again, self.output)
 
         return check
+
+
+_SERVED: dict[tuple[Any, ...], Served] = {}
