@@ -9,8 +9,9 @@ already hold adapters, may be compiled or quantized, and a large one is not dupl
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from pytest_hotswap.reference.components import (
     unwrap_compiled,
 )
 
-FORMATS = ("diffusers", "kohya")
+FORMATS = ("diffusers", "kohya", "peft")
 #: Text-encoder layers an adapter targets with ``text_encoder=True``: the attention projections
 #: that diffusers' training scripts adapt.
 _TEXT_ENCODER_TARGET = re.compile(r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)")
@@ -47,6 +48,10 @@ def make_lora(
     text_encoder: bool = False,
     fmt: str = "diffusers",
     seed: int = 0,
+    *,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    use_dora: bool = False,
 ) -> Path:
     """Write a random LoRA adapter for ``target`` and return the file's path.
 
@@ -58,9 +63,13 @@ def make_lora(
         targets: "all" (every Linear and Conv2d of the denoiser), "half" (every second of them, in
             module order), or a list of module names from :func:`lora_targets`.
         text_encoder: also adapt the attention projections of the pipeline's ``text_encoder``.
-        fmt: "diffusers" (``unet.`` / ``transformer.`` keys and adapter metadata) or "kohya"
-            (``lora_unet_...`` keys with ``.alpha`` tensors, UNet pipelines only).
+        fmt: "diffusers" (``unet.`` / ``transformer.`` keys and adapter metadata), "kohya"
+            (``lora_unet_...`` keys with ``.alpha`` tensors, UNet pipelines only) or "peft"
+            (PEFT's own ``base_model.model.`` keys, as ``PeftModel.save_pretrained`` writes them).
         seed: the same seed, arguments and model shapes give bit-identical files.
+        rank_pattern / alpha_pattern: PEFT's per-layer overrides of ``rank`` / ``alpha``, keyed
+            by module name (a rank per layer, as trainers write them).
+        use_dora: a DoRA adapter (PEFT's ``use_dora=True``), which hotswapping cannot take.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
@@ -84,7 +93,9 @@ def make_lora(
     metadata: dict[str, dict[str, Any]] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        layers[denoiser_name], metadata[denoiser_name] = _random_lora(denoiser, chosen, rank, alpha)
+        layers[denoiser_name], metadata[denoiser_name] = _random_lora(
+            denoiser, chosen, rank, alpha, rank_pattern, alpha_pattern, use_dora
+        )
         if text_encoder:
             encoder = _text_encoder(resolved)
             te_targets = [
@@ -100,6 +111,8 @@ def make_lora(
     file = _output_file(Path(path), default_name)
     if fmt == "kohya":
         _write_kohya(file, layers, alpha)
+    elif fmt == "peft":
+        _write_peft(file, layers, metadata)
     else:
         _write_diffusers(file, resolved, layers, metadata)
     return file
@@ -204,7 +217,13 @@ def _shape_only_layer(layer: torch.nn.Module) -> torch.nn.Module:
 
 
 def _random_lora(
-    model: torch.nn.Module, names: list[str], rank: int, alpha: float
+    model: torch.nn.Module,
+    names: list[str],
+    rank: int,
+    alpha: float,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    use_dora: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """PEFT LoRA tensors (keys without adapter name) and the LoraConfig dict for ``names``."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -225,6 +244,10 @@ def _random_lora(
         # An anchored regex: a name list would also match every module whose name ends in one.
         target_modules="|".join(f"(?:{re.escape(name)})" for name in names),
         init_lora_weights=False,
+        # Anchored too: a bare key would also match every module whose name ends in it.
+        rank_pattern={f"^{re.escape(k)}$": v for k, v in (rank_pattern or {}).items()},
+        alpha_pattern={f"^{re.escape(k)}$": v for k, v in (alpha_pattern or {}).items()},
+        use_dora=use_dora,
     )
     inject_adapter_in_model(config, skeleton)
     tensors = get_peft_model_state_dict(skeleton)
@@ -303,3 +326,122 @@ def _check_kohya_round_trip(
             f"kohya names of {len(lost)} targets do not load back onto the same layers in diffusers "
             f"(e.g. {lost[:3]}); pass targets= without them, or use fmt='diffusers'"
         )
+
+
+def _write_peft(
+    file: Path, layers: dict[str, dict[str, torch.Tensor]], metadata: dict[str, dict[str, Any]]
+) -> None:
+    """PEFT's own layout: ``base_model.model.<module>`` keys, the config in the metadata."""
+    import json
+
+    import safetensors.torch
+
+    if len(layers) != 1:
+        raise ValueError("fmt='peft' writes one model's adapter: drop text_encoder=True")
+    tensors, config = next(iter(layers.values())), next(iter(metadata.values()))
+    prefixed = {f"base_model.model.{key}": tensor for key, tensor in tensors.items()}
+    safetensors.torch.save_file(
+        prefixed,
+        str(file),
+        metadata={
+            "format": "pt",
+            "lora_adapter_metadata": json.dumps(config, default=_json_default),
+        },
+    )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogFile:
+    """One file of a generated catalog: its name and the ``make_lora`` arguments that write it."""
+
+    name: str
+    kwargs: dict[str, Any]
+    what: str
+
+
+def catalog_recipe(target: Any, *, kohya: bool) -> list[CatalogFile]:
+    """The files :func:`make_catalog` writes for ``target``'s denoiser, in name order.
+
+    Trainers' variety on one model: diffusers, PEFT and kohya key styles; ranks 4 to 64 with a
+    per-layer rank pattern and their own alphas; two adapters for disjoint layers (the first file
+    targets every second layer, the second file the others); one with text-encoder keys and one
+    DoRA adapter. Each file beyond the pattern's limits targets the first file's layers, so it
+    shows that one limit alone.
+    """
+    names = [] if target is None else lora_targets(target)
+    even, odd = names[0::2], names[1::2]
+    pattern = {name: 64 for name in even[:3]}
+    files = [
+        CatalogFile(
+            "01-even-r8.safetensors",
+            {"rank": 8, "alpha": 16, "targets": even, "seed": 101},
+            "every second layer, rank 8, alpha 16",
+        ),
+        CatalogFile(
+            "02-odd-r8.safetensors",
+            {"rank": 8, "targets": odd, "seed": 102},
+            "the other layers (disjoint from 01)",
+        ),
+        CatalogFile(
+            "03-all-r4-alpha2.safetensors",
+            {"rank": 4, "alpha": 2, "seed": 103},
+            "every layer, rank 4, alpha 2",
+        ),
+        CatalogFile(
+            "04-r16.safetensors",
+            {"rank": 16, "fmt": "kohya", "seed": 104}
+            if kohya
+            else {"rank": 16, "targets": even, "seed": 104},
+            "kohya keys (lora_down / lora_up / alpha), rank 16"
+            if kohya
+            else "every second layer, rank 16",
+        ),
+        CatalogFile(
+            "05-pattern-r4-64.safetensors",
+            {"rank": 4, "alpha": 4, "targets": even, "rank_pattern": pattern, "seed": 105},
+            "rank 4, rank 64 on three layers (a rank pattern)",
+        ),
+        CatalogFile(
+            "06-peft-keys-r8.safetensors",
+            {"rank": 8, "fmt": "peft", "seed": 106},
+            "PEFT's own keys (base_model.model.)",
+        ),
+        CatalogFile(
+            "07-text-encoder-r4.safetensors",
+            {"rank": 4, "targets": even, "text_encoder": True, "seed": 107},
+            "denoiser and text-encoder keys",
+        ),
+        CatalogFile(
+            "08-dora-r8.safetensors",
+            {"rank": 8, "targets": even, "use_dora": True, "seed": 108},
+            "a DoRA adapter",
+        ),
+    ]
+    return files
+
+
+def catalog_recipe_names() -> list[str]:
+    """The file names :func:`make_catalog` writes (the text-encoder one only for pipelines)."""
+    return [file.name for file in catalog_recipe(None, kohya=False)]
+
+
+def make_catalog(target: Any, folder: str | Path) -> list[Path]:
+    """Write a small catalog of adapters for ``target`` (a pipeline, or a model without
+    text-encoder and kohya files) into ``folder``; returns the paths in name order."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    resolved = _resolve(target, text_encoder=True)
+    kohya = denoiser_prefix(resolved) == "unet"
+    has_text_encoder = not isinstance(resolved, torch.nn.Module)
+    paths = []
+    for file in catalog_recipe(_denoiser(resolved), kohya=kohya):
+        if file.kwargs.get("text_encoder") and not has_text_encoder:
+            continue
+        paths.append(make_lora(resolved, folder / file.name, **file.kwargs))
+    return paths

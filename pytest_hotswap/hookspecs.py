@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from pytest_hotswap.implementations import Implementation
     from pytest_hotswap.options import HotswapOptions
     from pytest_hotswap.pipelines import PipelineSpec
     from pytest_hotswap.watch import CompileEvent
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
 def pytest_hotswap_build_pipeline(name: str, options: HotswapOptions) -> PipelineSpec | None:
     """Build the pipeline called ``name`` (one of ``--hotswap-pipelines``) instead of the tiny default.
 
-    Return ``None`` to leave ``name`` to the next implementation (the built-in ``sd`` and ``flux``
-    builders run last). Return a ``pytest_hotswap.pipelines.PipelineSpec``: the built model, not
+    Return ``None`` to leave ``name`` to the next implementation (the registered ``sd`` and
+    ``flux`` pipelines, saved pipeline folders and cached hub ids are built last). Return a ``pytest_hotswap.pipelines.PipelineSpec``: the built model, not
     yet adapted or compiled. The fixtures then prepare it for hotswap, load the first adapter,
     quantize, compile and warm it up exactly as for the tiny pipelines. Without a diffusers
     ``pipe``, adapters go through PEFT, so any ``nn.Module`` works::
@@ -45,7 +46,10 @@ def pytest_hotswap_build_pipeline(name: str, options: HotswapOptions) -> Pipelin
 
 
 def pytest_hotswap_recompile(item: pytest.Item, event: CompileEvent) -> None:
-    """Called for every recompile seen while ``item`` ran (setup or call).
+    """Called for every failing event seen while ``item`` ran (setup or call): recompiles, and
+    every other kind ``no_recompile`` fails on (``event.kind``: ``"recompile"``, ``"storm"``,
+    ``"cache_switch"``, ``"layout_change"``, ``"cudagraph_rerecord"``, ``"cudagraph_skip"``,
+    ``"unobserved"``).
 
     It is called after the test's call (or at teardown when setup failed), never from inside
     dynamo, so a hook that raises cannot break a compile; the call report is not made yet, so a
@@ -68,4 +72,28 @@ def pytest_hotswap_report(report: dict[str, Any]) -> None:
 
     def pytest_hotswap_report(report):
         report["ci"] = {"commit": os.environ.get("GITHUB_SHA", "local")}
+    """
+
+
+def pytest_hotswap_implementations(config: pytest.Config) -> list[Implementation]:
+    """Add hotswap implementations to ``--hotswap-implementations`` (results are concatenated).
+
+    Subclass ``pytest_hotswap.implementations.Implementation`` and say how it swaps and sets
+    strength; the fixtures, the conformance suite and the reports then treat it like the built-in
+    ``diffusers``, ``peft`` and ``reference``::
+
+        # conftest.py
+        from pytest_hotswap.implementations import ReferenceImplementation
+
+        class Audited(ReferenceImplementation):
+            name = "audited"
+
+            def swap(self, spec, lora, *, slot=0):
+                audit_log.append(str(lora))
+                super().swap(spec, lora, slot=slot)
+
+        def pytest_hotswap_implementations(config):
+            return [Audited()]
+
+    Run with ``pytest --hotswap-implementations=audited,reference``.
     """

@@ -144,15 +144,15 @@ def test_inspect_text_encoder_adapter_is_rejected(capsys, adapters):
     assert code == 1
     assert "  text-encoder layers: 12" in out
     assert (
-        f"{adapters['te']}: REJECTED: has 12 text-encoder layers, which hotswap does not support"
-        in out
+        f"{adapters['te']}: REJECTED: has 12 text-encoder layers, which hotswap does not support "
+        "without the text-encoder opt-in" in out
     )
 
 
 def test_inspect_kohya_adapter_matches_the_diffusers_layers(capsys, adapters):
     code, out, _ = run(capsys, "inspect", adapters["r8"], adapters["kohya"])
     assert code == 0
-    assert f"{adapters['kohya']}: kohya, rank 4, alpha in 83 per-layer tensors (not read)" in out
+    assert f"{adapters['kohya']}: kohya, rank 4, alpha 4" in out  # from its per-layer alpha scalars
     assert f"{adapters['kohya']}: ok, targets same layers as the first (83 of 83 layers)" in out
 
 
@@ -183,7 +183,9 @@ def test_inspect_json(capsys, adapters):
     assert (half["subset_of_first"], len(half["layers"])) == (True, 42)
     assert len(te["text_encoder_layers"]) == 12
     assert all(name.startswith("text_encoder.") for name in te["text_encoder_layers"])
-    assert te["rejected"] == ["has 12 text-encoder layers, which hotswap does not support"]
+    assert te["rejected"] == [
+        "has 12 text-encoder layers, which hotswap does not support without the text-encoder opt-in"
+    ]
     assert pickle["error"].startswith("is a pickle")
     assert pickle["rejected"] == ["unreadable"]
 
@@ -245,3 +247,141 @@ def test_inspect_rejects_an_adapter_for_another_model(capsys, tmp_path):
         f"{wide}: REJECTED: 1 layers have other in/out shapes than in the first, so it is for "
         "another model (transformer.proj)"
     ) in out
+
+
+# --- the plan of a catalog folder --------------------------------------------------------------
+
+
+def test_inspect_a_folder_prints_the_plan_with_union_and_padding(capsys, adapters, tmp_path):
+    import shutil
+
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    for name in ("r8", "half", "three", "pickle"):
+        shutil.copy(adapters[name], folder / adapters[name].name)
+    code, out, _ = run(capsys, "inspect", folder, "--max-rank", "auto")
+    assert code == 1  # the pickle is refused, never loaded
+    lines = out.splitlines()
+    # Files in name order: half (rank 4, 42 layers), pickle.bin, r8 (rank 8, 83), three (rank 4, 3).
+    assert "max rank: 8 (checked against --max-rank 8)" in lines
+    assert (
+        f"{folder / 'half.safetensors'}: loaded first; later files are hotswapped into it" in lines
+    )
+    assert (
+        "union of targets: 83 layers from 3 usable files (padding every layer any of them targets lets each hotswap, reference implementation)"
+        in lines
+    )
+    assert f"{folder / 'pickle.bin'}: REJECTED: unreadable" in lines
+    # r8 targets 41 layers "half" does not: upstream's rule rejects it, the union takes it.
+    assert any(
+        line.startswith(f"{folder / 'r8.safetensors'}: REJECTED: targets 41 layers")
+        for line in lines
+    )
+    # Padding a rank-4 adapter on 42 of 83 layers to rank 8: twice its own multiply-adds.
+    padding = lines[
+        lines.index(
+            f"{folder / 'half.safetensors'}: loaded first; later files are hotswapped into it"
+        )
+        + 1 :
+    ]
+    assert any(
+        line.startswith("  padding at rank 8: 2.0x its LoRA multiply-adds")
+        and line.endswith("41 union layers it leaves zero")
+        for line in padding
+    )
+
+
+def test_inspect_json_plan_of_a_folder(capsys, adapters, tmp_path):
+    import shutil
+
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    for name in ("r8", "r16"):
+        shutil.copy(adapters[name], folder / adapters[name].name)
+    code, out, _ = run(capsys, "inspect", folder, "--json", "--max-rank", "auto")
+    plan = json.loads(out)
+    assert code == 0
+    assert plan["max_rank_file"] == str(folder / "r16.safetensors")
+    assert (plan["max_rank"], plan["limit"], len(plan["union_targets"])) == (16, 16, 83)
+    r16, r8 = plan["files"]
+    assert (r16["verdict"], r8["verdict"]) == ("ok", "ok")
+    assert r8["padding"]["macs_x"] == 2.0 and r16["padding"]["macs_x"] == 1.0
+
+
+def test_inspect_refuses_a_fifo_without_blocking(capsys, tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    code, out, _ = run(capsys, "inspect", fifo)
+    assert code == 1
+    assert out.splitlines()[0] == (
+        f"{fifo}: error: not a regular file (a FIFO, socket or device); adapters are read from "
+        "regular .safetensors files only"
+    )
+
+
+@pytest.mark.parametrize(
+    ("tensors", "metadata", "error"),
+    [
+        (
+            {
+                "t.x.lora_A.weight": np.zeros((), np.float32),
+                "t.x.lora_B.weight": np.zeros((4, 4), np.float32),
+            },
+            None,
+            "t.x.lora_A.weight has shape (); LoRA weights have 2 dimensions (Linear) or 4 "
+            "(Conv2d): the file is corrupt or not a LoRA adapter",
+        ),
+        (
+            {"t.x.lora_A.weight": np.zeros((4, 4), np.float32)},
+            {"lora_adapter_metadata": "[1, 2]"},
+            "its lora_adapter_metadata is a JSON list, not an object of LoraConfig fields; write "
+            "the adapter again with diffusers or PEFT",
+        ),
+        (
+            {"t.x.lora_A.weight": np.zeros((4, 4), np.float32)},
+            {"lora_adapter_metadata": '"text"'},
+            "its lora_adapter_metadata is a JSON str, not an object of LoraConfig fields; write "
+            "the adapter again with diffusers or PEFT",
+        ),
+        (
+            {"t.x.lora_A.weight": np.zeros((4, 4), np.float32)},
+            {"lora_adapter_metadata": '{"lora_alpha": "x"}'},
+            "lora_alpha in its lora_adapter_metadata is 'x', not a number",
+        ),
+        (
+            {
+                "lora_unet_x.lora_down.weight": np.zeros((4, 4), np.float32),
+                "lora_unet_x.alpha": np.zeros(3, np.float32),
+            },
+            None,
+            "lora_unet_x.alpha holds 3 values; a kohya alpha is one number per layer",
+        ),
+    ],
+    ids=[
+        "0-dim lora_A",
+        "metadata list",
+        "metadata string",
+        "alpha not a number",
+        "kohya alpha of 3",
+    ],
+)
+def test_inspect_malformed_headers_get_one_clear_line(capsys, tmp_path, tensors, metadata, error):
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    code, out, err = run(capsys, "inspect", path)
+    assert code == 1 and err == ""
+    assert out.splitlines()[0] == f"{path}: error: {error}"
+
+
+def test_usage_errors_put_the_error_first(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", "x.safetensors", "--max-rank", "0"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        err[0]
+        == "pytest-hotswap inspect: error: argument --max-rank: expected an integer >= 1 or 'auto', got 0"
+    )
+    assert err[1].startswith("usage: pytest-hotswap inspect")

@@ -1,22 +1,18 @@
 """The pipeline and adapter fixtures end to end, through pytester in fresh processes.
 
 Each run is a subprocess: torch's compile caches are process-global, and every diffusers model
-compiles the same frame, so only a fresh process shows what one session compiles. The option
-overrides and the session cache's restore-or-rebuild run in process, on a tiny plain module.
+compiles the same frame, so only a fresh process shows what one session compiles. The session
+cache's restore-or-rebuild runs through a downstream implementation object on a tiny module.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from pytest_hotswap import pipelines
 from pytest_hotswap.options import HotswapOptions
-from pytest_hotswap.pipelines import PipelineSpec, build_hotswap_pipeline
-from pytest_hotswap.plugin.fixtures import LoraFactory, PipelineCache
 
 SWAPS = """
 import json
@@ -25,10 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_hotswap import pipelines
-from pytest_hotswap.options import HotswapOptions
-from pytest_hotswap.pipelines import PipelineSpec, build_hotswap_pipeline
-from pytest_hotswap.plugin.fixtures import LoraFactory, PipelineCache
 import torch
 
 
@@ -95,11 +87,16 @@ def test_swaps_without_recompile_and_one_compile_per_configuration(
     records = _records(pytester)
     configs = {(r["context"]["pipeline"], r["context"]["implementation"]) for r in records}
     assert configs == {(p, i) for p in ("sd", "flux") for i in ("diffusers", "reference")}
-    for pipeline in ("sd", "flux"):
-        # Built, compiled and warmed up in its first test's setup; all later tests reuse it. The
-        # reference build compiles nothing new: same shapes, so it shares diffusers' cache entry.
-        mine = [r for r in records if r["context"]["pipeline"] == pipeline]
-        assert len(mine) == 10
+    for pipeline, implementation in configs:
+        # Built, compiled and warmed up in its first test's setup; all later tests reuse it. Each
+        # configuration compiles its own entry (isolate_recompiles): none reuses another's.
+        mine = [
+            r
+            for r in records
+            if (r["context"]["pipeline"], r["context"]["implementation"])
+            == (pipeline, implementation)
+        ]
+        assert len(mine) == 5
         assert mine[0]["compiles"] == 1, mine[0]
         assert sum(r["compiles"] for r in mine) == 1
     assert all(r["recompiles"] == 0 for r in records)
@@ -107,7 +104,7 @@ def test_swaps_without_recompile_and_one_compile_per_configuration(
         "pipeline": "sd",
         "implementation": "diffusers",
         "backend": "eager",
-        "device": "cpu",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",  # how `auto` resolves here
         "quantize": "none",
         "max_rank": 32,
     }
@@ -116,8 +113,6 @@ def test_swaps_without_recompile_and_one_compile_per_configuration(
     assert any(s.startswith("restore first adapter") for r in records for s in r["steps"])
     # Every test saw the first adapter's output, whatever the previous test swapped in, even
     # half-way (test_a_failed_swap runs just before the seed-1 tests).
-    import torch
-
     for pipeline, implementation in configs:
         first = [
             torch.load(pytester.path / f"first-{pipeline}-{implementation}-{s}.pt")
@@ -201,7 +196,7 @@ def test_recompile_is_caught_and_bad_configurations_are_clear(pytester: pytest.P
             "*after step*hotswap #1: *(rank 64)*",
             "*lora_A*",
             # Clear errors for what cannot be built.
-            "*no pipeline named 'sdxl'; the built-in pipelines are sd, flux*",
+            "*--hotswap-pipelines: 'sdxl': no registered pipeline of that name (sd, flux)*",
             "*float8-dynamic*compute capability >= 8.9*",
             "*@pytest.mark.hotswap got unknown argument(s) pipelines; accepted: pipeline, max_rank*",
             "*UsageError: *test_factory_refuses_a_bad_dtype: dtype='bf16': expected one of auto, "
@@ -211,7 +206,7 @@ def test_recompile_is_caught_and_bad_configurations_are_clear(pytester: pytest.P
 
 
 def test_options_replace_validates_and_resolves_device_and_dtype() -> None:
-    options = HotswapOptions()
+    options = HotswapOptions(device="cpu")
     with pytest.raises(ValueError, match=r"^dtype='bf16': expected one of auto, float32, bfloat16"):
         options.replace(dtype="bf16")
     with pytest.raises(ValueError, match=r"^device='tpu': expected one of auto, cpu, cuda; got"):
@@ -222,50 +217,96 @@ def test_options_replace_validates_and_resolves_device_and_dtype() -> None:
     assert options.replace(dtype="float16").dtype == "float16"
 
 
+HALF_WAY_CONFTEST = """
+import torch
+
+from pytest_hotswap.implementations import ReferenceImplementation
+from pytest_hotswap.pipelines import PipelineSpec
+
+
 class Proj(torch.nn.Module):
-    def __init__(self) -> None:
+    def __init__(self):
         super().__init__()
         self.proj = torch.nn.Linear(8, 8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         return self.proj(x)
 
 
-def test_cache_restores_a_half_swapped_pipeline_and_rebuilds_one_it_cannot_restore(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+BUILDS = []
+
+
+class HalfWay(ReferenceImplementation):
+    \"\"\"A downstream implementation whose swap of a file named *broken* writes, then fails.\"\"\"
+
+    name = "halfway"
+
+    def swap(self, spec, lora, *, slot=0):
+        super().swap(spec, lora, slot=slot)
+        if "broken" in str(lora):
+            raise RuntimeError("failed half-way")
+
+
+def pytest_hotswap_implementations(config):
+    return [HalfWay()]
+
+
+def pytest_hotswap_build_pipeline(name, options):
+    torch.manual_seed(0)
+    model = Proj()
+    BUILDS.append(model)
+    return PipelineSpec(name, model, run=lambda: model(torch.ones(1, 8)))
+"""
+
+HALF_WAY_TESTS = """
+import shutil
+
+import pytest
+import torch
+
+from conftest import BUILDS
+
+FIRST = {}
+
+
+def test_1_a_swap_fails_half_way(hotswap_pipeline_factory, lora_factory, tmp_path):
+    pipeline = hotswap_pipeline_factory("tiny", "halfway", max_rank=8)
+    FIRST["pipeline"], FIRST["output"] = pipeline, pipeline.run()
+    broken = tmp_path / "broken.safetensors"
+    shutil.copy(lora_factory(pipeline, rank=2, seed=1), broken)
+    with pytest.raises(RuntimeError, match="half-way"):
+        pipeline.swap(broken)
+    assert not torch.equal(pipeline.run(), FIRST["output"])  # it did write
+
+
+def test_2_the_next_test_gets_it_restored_not_rebuilt(hotswap_pipeline_factory):
+    pipeline = hotswap_pipeline_factory("tiny", "halfway", max_rank=8)
+    assert pipeline is FIRST["pipeline"] and len(BUILDS) == 1
+    assert torch.equal(pipeline.run(), FIRST["output"])  # swapped back to the first adapter
+
+
+def test_3_a_pipeline_that_cannot_be_restored_is_rebuilt(hotswap_pipeline_factory):
+    pipeline = hotswap_pipeline_factory("tiny", "halfway", max_rank=8)
+    pipeline.swap(pipeline.first_lora)
+    with torch.no_grad():  # someone replaced a LoRA tensor: no swap can undo that
+        lora_A = pipeline.denoiser.proj.lora_A["default"]
+        lora_A.weight = torch.nn.Parameter(lora_A.weight.clone())
+
+
+def test_4_gets_a_new_build_with_the_same_output(hotswap_pipeline_factory):
+    pipeline = hotswap_pipeline_factory("tiny", "halfway", max_rank=8)
+    assert pipeline is not FIRST["pipeline"] and len(BUILDS) == 2
+    assert torch.equal(pipeline.run(), FIRST["output"])
+"""
+
+
+def test_the_cache_restores_a_half_swapped_pipeline_and_rebuilds_one_it_cannot_restore(
+    pytester: pytest.Pytester,
 ) -> None:
-    """The cache's part of every test's start: restore what a failed swap wrote, or rebuild."""
-    options = HotswapOptions(max_rank=8, backend="eager")
-    cache = PipelineCache(config=None, loras=LoraFactory(tmp_path))  # type: ignore[arg-type]
-    builds = []
-
-    def build(name: str, implementation: str, options: HotswapOptions, targets: str) -> object:
-        torch.manual_seed(0)
-        model = Proj()
-        spec = PipelineSpec(name, model, run=lambda: model(torch.ones(1, 8)))
-        builds.append(build_hotswap_pipeline(spec, implementation, cache.loras(model), options))
-        return builds[-1]
-
-    def write_then_raise(*args: object) -> None:
-        real_hotswap(*args)
-        raise RuntimeError("failed half-way")
-
-    monkeypatch.setattr(cache, "_build", build)
-    pipeline = cache.get("tiny", "reference", options)
-    first = pipeline.run()
-    real_hotswap = pipelines._hotswap
-    with monkeypatch.context() as patch:
-        patch.setattr(pipelines, "_hotswap", write_then_raise)
-        with pytest.raises(RuntimeError, match="half-way"):
-            pipeline.swap(cache.loras(pipeline, rank=2, seed=1))
-    assert not torch.equal(pipeline.run(), first)
-    assert cache.get("tiny", "reference", options) is pipeline
-    assert torch.equal(pipeline.run(), first)  # restored by a swap, not rebuilt
-
-    def broken_restore() -> None:
-        raise RuntimeError("cannot restore")
-
-    monkeypatch.setattr(pipeline, "restore_first_adapter", broken_restore)
-    rebuilt = cache.get("tiny", "reference", options)
-    assert rebuilt is not pipeline and builds == [pipeline, rebuilt]
-    assert torch.equal(rebuilt.run(), first)
+    """The cache's part of every test's start, through a downstream implementation object."""
+    pytester.makeconftest(HALF_WAY_CONFTEST)
+    pytester.makepyfile(test_half_way=HALF_WAY_TESTS)
+    result = pytester.runpytest_subprocess(
+        "--hotswap-backend=eager", "--hotswap-implementations=halfway", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=4)

@@ -166,8 +166,8 @@ class TinyDenoiser(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.proj_in = torch.nn.Linear(8, 16)
-        self.proj_out = torch.nn.Linear(16, 8)
+        self.proj_in = torch.nn.Linear(8, 64)  # wider than MAX_RANK: padding to it means something
+        self.proj_out = torch.nn.Linear(64, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_out(torch.relu(self.proj_in(x)))
@@ -254,9 +254,12 @@ def test_denoise_after_a_rank_growing_swap_is_a_recompile(tmp_path) -> None:
     with CompileWatcher() as watcher:
         pipeline.swap(make_lora(pipeline.denoiser, tmp_path, rank=2 * MAX_RANK, seed=1))
         pipeline.denoise()
-    assert [event.kind for event in watcher.events] == ["recompile"]
-    assert "(rank 64)" in watcher.events[0].step
-    assert any("lora" in reason for reason in watcher.events[0].reasons)
+    # The swap replaced the padded tensors (a layout change), and the next call recompiled.
+    assert [event.kind for event in watcher.events] == ["layout_change", "recompile"]
+    layout, recompile = watcher.events
+    assert "(rank 64)" in layout.step and "(rank 64)" in recompile.step
+    assert layout.reasons[0] == "proj_in.lora_A.default.weight: shape (32, 8) -> (64, 8)"
+    assert any("lora" in reason for reason in recompile.reasons)
 
 
 def test_plain_module_rank_above_max_recompiles_with_peft(tmp_path) -> None:
@@ -323,11 +326,16 @@ def test_float8_dynamic_on_cpu_is_refused_before_building() -> None:
 
 
 def test_unknown_names_are_refused_with_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="built-in pipelines are sd, flux"):
+    with pytest.raises(
+        ValueError, match=r"'sdxl': no registered pipeline of that name \(sd, flux\)"
+    ):
         build_spec("sdxl", OPTIONS)
     spec = PipelineSpec(name="never", denoiser=TinyDenoiser(), run=lambda: torch.ones(1))
-    with pytest.raises(ValueError, match="expected one of diffusers, reference"):
-        build_hotswap_pipeline(spec, "peft", {}, OPTIONS)
+    with pytest.raises(
+        ValueError,
+        match="no hotswap implementation named 'nope'; known: diffusers, peft, reference",
+    ):
+        build_hotswap_pipeline(spec, "nope", {}, OPTIONS)
 
 
 def test_describe_adapter_names_file_and_rank(loras: dict) -> None:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch._dynamo  # noqa: F401
+import torch._dynamo
 
 SHOW_OPTIONS = """
 def test_show(hotswap_options):
@@ -33,7 +33,9 @@ def test_help_lists_every_option_and_ini_key(pytester: pytest.Pytester) -> None:
             "*--hotswap-quantize=QUANTIZE*",
             "*--hotswap-pipelines=PIPELINES*",
             "*--hotswap-implementations=IMPLEMENTATIONS*",
+            "*--hotswap-adapters=ADAPTERS*",
             "*--hotswap-strict*",
+            "*--hotswap-fresh*",
             "*--hotswap-report=REPORT*",
             "*--hotswap-baseline=BASELINE*",
             "*--hotswap-fail-on=FAIL_ON*",
@@ -46,7 +48,8 @@ def test_markers_are_listed_with_their_signature(pytester: pytest.Pytester) -> N
     result = pytester.runpytest_inprocess("--markers")
     result.stdout.fnmatch_lines(
         [
-            "@pytest.mark.no_recompile(max_recompiles=0): fail the test when dynamo recompiles*",
+            "@pytest.mark.no_recompile(max_recompiles=0, fresh=False): fail the test when dynamo "
+            "recompiles*",
             "@pytest.mark.hotswap(pipeline=None, max_rank=None, backend=None, quantize=None): *",
         ]
     )
@@ -55,8 +58,27 @@ def test_markers_are_listed_with_their_signature(pytester: pytest.Pytester) -> N
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--hotswap-max-rank=0"], "--hotswap-max-rank=0: expected an integer >= 1, got 0"),
-        (["--hotswap-max-rank=abc"], "--hotswap-max-rank=abc: expected an integer >= 1, got 'abc'"),
+        (
+            ["--hotswap-max-rank=0"],
+            "--hotswap-max-rank=0: expected an integer >= 1 or 'auto', got 0",
+        ),
+        (
+            ["--hotswap-max-rank=abc"],
+            "--hotswap-max-rank=abc: expected an integer >= 1 or 'auto', got 'abc'",
+        ),
+        (
+            ["--hotswap-max-rank=auto"],
+            "--hotswap-max-rank=auto takes the largest rank of the adapter catalog, but no "
+            "catalog is given: add --hotswap-adapters=DIR|GLOB*",
+        ),
+        (
+            ["--hotswap-adapters=no/such/folder"],
+            "--hotswap-adapters=no/such/folder: no such folder, and not a glob pattern*",
+        ),
+        (
+            ["--hotswap-pipelines=sd,./not-a-pipeline"],
+            "--hotswap-pipelines: './not-a-pipeline': no registered pipeline of that name*",
+        ),
         (
             ["--hotswap-backend=foo"],
             "--hotswap-backend=foo: expected one of eager, aot_eager, inductor; got 'foo'",
@@ -69,8 +91,9 @@ def test_markers_are_listed_with_their_signature(pytester: pytest.Pytester) -> N
         (["--hotswap-dtype=int8"], "--hotswap-dtype=int8: expected one of auto, float32*"),
         (["--hotswap-quantize=int4"], "--hotswap-quantize=int4: expected one of none*"),
         (
-            ["--hotswap-implementations=peft"],
-            "--hotswap-implementations=peft: unknown peft; expected names from diffusers, reference",
+            ["--hotswap-implementations=nope"],
+            "--hotswap-implementations=nope: unknown nope; expected names from diffusers, peft, "
+            "reference",
         ),
         (["--hotswap-pipelines=,"], "--hotswap-pipelines=,: expected a comma-separated list*"),
         (
@@ -114,7 +137,8 @@ def test_precedence(pytester: pytest.Pytester, ini: str, args: list[str], expect
     pytester.makepyfile(test_show=SHOW_OPTIONS)
     result = pytester.runpytest_inprocess("-s", *args)
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([f"*OPTIONS HotswapOptions({expected}, *device='cpu'*"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # how `auto` resolves on this host
+    result.stdout.fnmatch_lines([f"*OPTIONS HotswapOptions({expected}, *device='{device}'*"])
 
 
 def test_every_field_from_the_command_line(pytester: pytest.Pytester) -> None:
@@ -135,8 +159,8 @@ def test_every_field_from_the_command_line(pytester: pytest.Pytester) -> None:
         [
             "*OPTIONS HotswapOptions(max_rank=128, backend='inductor', mode='reduce-overhead', "
             "device='cpu', dtype='bfloat16', quantize='int8-weight-only', "
-            "pipelines=('flux', 'mine'), implementations=('reference',), strict=True, "
-            "report=PosixPath('out.json'), baseline=None, fail_on=None)"
+            "pipelines=('flux', 'mine'), implementations=('reference',), adapters=None, "
+            "strict=True, fresh=False, report=PosixPath('out.json'), baseline=None, fail_on=None)"
         ]
     )
 
@@ -180,7 +204,7 @@ def test_ini_strict_flag(pytester: pytest.Pytester) -> None:
         (
             "no_recompile(maximum=1)",
             "test_marked.py::test_it: @pytest.mark.no_recompile got unexpected arguments "
-            "(maximum=); accepted: max_recompiles=N",
+            "(maximum=); accepted: max_recompiles=N, fresh=True|False",
         ),
         (
             "no_recompile(max_recompiles=-1)",
@@ -214,8 +238,9 @@ def test_header_line(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_inprocess("--hotswap-max-rank=64", "--hotswap-backend=eager")
     result.stdout.fnmatch_lines(
         [
-            "hotswap: torch 2.13*, diffusers *, peft * | max_rank=64 backend=eager mode=default "
-            "device=cpu dtype=float32 quantize=none pipelines=sd,flux "
+            # auto device and dtype stay unresolved: resolving them would import torch
+            "hotswap: torch 2.13*, diffusers *, peft *, transformers * | max_rank=64 "
+            "backend=eager mode=default device=auto dtype=auto quantize=none pipelines=sd,flux "
             "implementations=diffusers,reference"
         ]
     )

@@ -9,17 +9,17 @@ import pytest
 
 from pytest_hotswap.report import (
     SCHEMA_VERSION,
-    EventRecord,
     Report,
     ReportError,
     SwapRecord,
     TestRecord,
     Threshold,
+    check_writable,
     compare,
-    format_summary,
     parse_fail_on,
+    write_json,
 )
-from pytest_hotswap.watch import shorten_reason
+from pytest_hotswap.watch import CompileEvent, shorten_reason
 
 DATA = Path(__file__).parent / "data"
 SWAP = "tests/test_lora.py::test_swap"
@@ -41,9 +41,19 @@ def regressions(comparison) -> set[tuple[str, str]]:
 
 
 def test_round_trip_keeps_every_field_and_hook_extras(tmp_path):
-    event = EventRecord("0/1", "forward", "/m.py", 3, "recompile", ["size mismatch"], "swap", 0.2)
+    event = CompileEvent("0/1", "forward", "/m.py", 3, "recompile", ("size mismatch",), "swap", 0.2)
+    switch = CompileEvent("0/0", "forward", "/m.py", 3, "cache_switch", ("size=[4]",), "swap", 0.0)
     record = TestRecord(
-        "t.py::test", "failed", 2, 1, 1, 1.25, [SwapRecord("swap", 3.5)], [event], {"device": "cpu"}
+        "t.py::test",
+        "failed",
+        compiles=2,
+        recompiles=2,
+        cache_switches=1,
+        graph_breaks=1,
+        compile_s=1.25,
+        swaps=[SwapRecord("swap", 3.5)],
+        events=[event, switch],
+        context={"device": "cpu"},
     )
     report = Report.new([record], xdist_workers=2)
     report.extra["ci"] = {"commit": "abc"}
@@ -76,7 +86,7 @@ def test_median_swap_is_the_swap_metric(regressed):
         ("{not json", "not JSON"),
         (json.dumps({"schema_version": 99, "tests": []}), "schema_version 99 is not 1"),
         (json.dumps({"schema_version": 1}), "not a pytest-hotswap report"),
-        (json.dumps({"schema_version": 1, "tests": [{"nodeid": "x"}]}), "not a pytest-hotswap"),
+        (json.dumps({"schema_version": 1, "tests": [{"nodeid": "x"}]}), "test 'x': 'outcome'"),
     ],
 )
 def test_load_errors_name_the_path_and_the_problem(tmp_path, content, message):
@@ -122,7 +132,7 @@ def test_equal_runs_pass(baseline):
     assert not comparison.failed
     assert comparison.compared == 3
     assert comparison.new_tests == comparison.gone_tests == []
-    assert "no regressions" in comparison.format()
+    assert "no regressions" in comparison.lines()
 
 
 def test_timing_noise_within_relative_limits_passes(baseline):
@@ -163,16 +173,16 @@ def test_new_and_gone_tests_are_listed_not_failed(baseline, regressed):
     assert not comparison.failed
     assert comparison.new_tests == ["tests/test_lora.py::test_added"]
     assert comparison.gone_tests == ["tests/test_lora.py::test_removed"]
-    lines = comparison.format()
+    lines = comparison.lines()
     assert "new since the baseline (not compared): tests/test_lora.py::test_added" in lines
     assert "gone since the baseline: tests/test_lora.py::test_removed" in lines
 
 
 def test_regression_table_shows_what_got_worse_per_test(baseline, regressed):
     comparison = compare(baseline, regressed, parse_fail_on("recompiles:0,swap_ms:+100%"))
-    text = "\n".join(comparison.format())
+    text = "\n".join(comparison.lines())
     assert "2 regressions:" in text
-    header, *rows = [line.split() for line in comparison.format()[2:5]]
+    header, *rows = [line.split() for line in comparison.lines()[2:5]]
     assert header == ["test", "metric", "baseline", "now", "limit"]
     assert rows == [
         [SWAP, "recompiles", "0", "1", "recompiles:0"],
@@ -190,7 +200,7 @@ def test_timings_across_xdist_worker_counts_get_a_note(baseline, regressed):
 
 
 def test_summary_totals_worst_tests_and_reasons(regressed):
-    lines = format_summary(regressed)
+    lines = regressed.summary_lines()
     assert lines[0] == "tests watched: 3, swaps: 3, compiles: 4, recompiles: 1, graph breaks: 1"
     assert lines[1] == "compile time: 5.40 s, median swap: 25.00 ms"
     assert lines[2] == "worst tests:"
@@ -198,7 +208,8 @@ def test_summary_totals_worst_tests_and_reasons(regressed):
     assert lines[-2] == "recompiles:"
     reason = next(t for t in regressed.tests if t.nodeid == SWAP).events[0].reasons[0]
     assert lines[-1] == (
-        f"  {SWAP}: recompile 0/1 of forward (unet_2d_condition.py:1040) after 'hotswap #1': "
+        f"  {SWAP}: recompile 0/1 of forward (/src/diffusers/models/unets/unet_2d_condition.py:1040) "
+        f"after 'hotswap #1': "
         f"{shorten_reason(reason)}"
     )
     assert lines[-1].endswith("size mismatch at index 0. expected 8, actual 16")
@@ -206,7 +217,7 @@ def test_summary_totals_worst_tests_and_reasons(regressed):
 
 def test_summary_marks_xdist_timings(regressed):
     parallel = Report(tests=regressed.tests, xdist_workers=2)
-    assert format_summary(parallel)[2] == (
+    assert parallel.summary_lines()[2] == (
         "(timings measured under pytest-xdist with 2 workers, not comparable with a serial run)"
     )
 
@@ -261,3 +272,94 @@ def test_expected_failures_and_skips_are_not_held_to_thresholds(baseline, regres
     assert (SWAP, "recompiles") not in regressions(
         compare(baseline, relabelled, parse_fail_on("recompiles:0"))
     )
+
+
+# --- Malformed reports and paths: a clear error naming the field, never a traceback -----------
+
+
+def _report_with(**fields):
+    test = {"nodeid": "t.py::test", "outcome": "passed", "compiles": 1, "recompiles": 0}
+    test.update(fields)
+    return {"schema_version": 1, "tests": [test]}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([], "a report must be a JSON object, got a JSON list"),
+        ("str", "a report must be a JSON object, got a JSON str"),
+        (None, "a report must be a JSON object, got null"),
+        (5, "a report must be a JSON object, got a JSON int"),
+        ({"schema_version": True, "tests": []}, "schema_version true is not 1"),
+        ({"schema_version": 1, "tests": {}}, "'tests' must be a list, got {}"),
+        (
+            {"schema_version": 1, "tests": [[]]},
+            "a test record must be a JSON object, got a JSON list",
+        ),
+        (
+            {"schema_version": 1, "tests": [{"nodeid": ["a"]}]},
+            """'nodeid' must be a string, got ["a"]""",
+        ),
+        (
+            _report_with(recompiles="3"),
+            """test 't.py::test': 'recompiles' must be an integer >= 0, got "3\"""",
+        ),
+        (_report_with(recompiles=None), "'recompiles' must be an integer >= 0, got null"),
+        (_report_with(recompiles=1.5), "'recompiles' must be an integer >= 0, got 1.5"),
+        (_report_with(compile_s=-1), "'compile_s' must be a finite number >= 0, got -1"),
+        (_report_with(outcome="great"), "'outcome' must be one of passed, failed"),
+        (_report_with(swaps=[{"label": "x"}]), "each swap must be an object with 'label' and 'ms'"),
+        (_report_with(events=[{"kind": "recompile"}]), "event field 'compile_id' is missing"),
+        (_report_with(context=[]), "'context' must be an object"),
+        (_report_with(speed=3), "unknown fields ['speed']"),
+        (
+            {"schema_version": 1, "tests": [], "xdist_workers": "2"},
+            "'xdist_workers' must be an integer",
+        ),
+    ],
+)
+def test_malformed_reports_name_the_test_and_the_field(tmp_path, data, message):
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ReportError) as info:
+        Report.load(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert message in str(info.value)
+
+
+def test_nan_recompiles_cannot_pass_a_cap(tmp_path):
+    """NaN is not JSON; Python's json writes and reads it unless told not to."""
+    path = tmp_path / "nan.json"
+    path.write_text(
+        '{"schema_version": 1, "tests": [{"nodeid": "t", "outcome": "passed", "recompiles": NaN}]}'
+    )
+    with pytest.raises(ReportError, match="NaN is not a valid JSON number"):
+        Report.load(path)
+
+
+def test_a_directory_is_not_a_report(tmp_path):
+    with pytest.raises(ReportError, match="is a directory"):
+        Report.load(tmp_path)
+
+
+def test_growth_needs_a_percent_sign():
+    with pytest.raises(ValueError, match=r"growth needs a percent sign \(recompiles:\+50%\)"):
+        parse_fail_on("recompiles:+50")
+    assert parse_fail_on("recompiles:+50%") == (Threshold("recompiles", 50, relative=True),)
+    assert parse_fail_on("cache_switches:0,layout_changes:0")[1].metric == "layout_changes"
+
+
+def test_write_json_leaves_no_temporary_file_behind(tmp_path):
+    target = tmp_path / "out" / "report.json"
+    with pytest.raises(TypeError):
+        write_json(target, {"not json": object()})
+    assert list(target.parent.iterdir()) == []
+    write_json(target, {"ok": 1})
+    assert [p.name for p in target.parent.iterdir()] == ["report.json"]
+
+
+def test_check_writable_creates_folders_and_refuses_a_directory(tmp_path):
+    assert check_writable(tmp_path / "a" / "b" / "r.json") == tmp_path / "a" / "b" / "r.json"
+    assert (tmp_path / "a" / "b").is_dir()
+    with pytest.raises(ReportError, match="is a directory; give a file path"):
+        check_writable(tmp_path)

@@ -388,3 +388,185 @@ def test_reasons_of_other_models_sharing_the_frame_come_last():
     ]
     assert relevant_first(reasons) == (reasons[3], reasons[4], reasons[0], reasons[1], reasons[2])
     assert relevant_first(reasons[3:]) == tuple(reasons[3:])  # otherwise the order is kept
+
+
+# --- Verdicts that do not depend on what ran before (issue 11) ---------------------------------
+
+
+class _Net(torch.nn.Module):
+    """One class for the tests below: every instance shares ``forward``'s code object."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def _shape_change_test(model_class: type[torch.nn.Module], isolate: bool) -> CompileWatcher:
+    """What a marked test does: compile its own model, call it, swap a shape in, call again."""
+    net = model_class()
+    compiled = torch.compile(net, backend="eager", fullgraph=True, isolate_recompiles=isolate)
+    with CompileWatcher() as watch:
+        compiled(X)
+        watch.step("swap to width 6")
+        net.lin = torch.nn.Linear(4, 6)
+        compiled(X)
+    return watch
+
+
+def _earlier_test(model_class: type[torch.nn.Module], isolate: bool) -> None:
+    """An earlier test in the same process: compiles widths 4 and 6 on the same code object."""
+    earlier = model_class()
+    compiled = torch.compile(earlier, backend="eager", fullgraph=True, isolate_recompiles=isolate)
+    compiled(X)
+    earlier.lin = torch.nn.Linear(4, 6)
+    compiled(X)
+
+
+def test_isolated_compiles_see_the_recompile_a_fresh_process_sees() -> None:
+    class Net(_Net):
+        def forward(self, x):
+            return self.lin(x) - 0
+
+    _earlier_test(Net, isolate=True)
+    isolated = _shape_change_test(Net, isolate=True)  # as in a fresh process
+    assert [event.kind for event in isolated.events] == ["compile", "recompile"]
+    assert "size mismatch at index 0. expected 4, actual 6" in isolated.events[1].reasons[0]
+
+
+def test_without_isolation_an_earlier_models_entries_are_caught_as_a_cache_switch() -> None:
+    class Net(_Net):
+        def forward(self, x):
+            return self.lin(x) - 1
+
+    _earlier_test(Net, isolate=False)
+    # No compile at all: the earlier model's entries match. The check of dynamo's cache lists
+    # still sees the frame move, after the step, to an entry it had not run.
+    shared = _shape_change_test(Net, isolate=False)
+    assert shared.compiles == 0
+    assert [event.kind for event in shared.events] == ["cache_switch"]
+
+
+def test_a_cache_switch_after_a_step_fails_with_the_guard_that_tells_the_entries_apart() -> None:
+    class Shared(_Net):
+        def forward(self, x):
+            return self.lin(x)
+
+    model = Shared()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, isolate_recompiles=True)
+    compiled(X)  # an earlier test compiled width 4 and width 6 on this very object
+    model.lin = torch.nn.Linear(4, 6)
+    compiled(X)
+
+    model.lin = torch.nn.Linear(4, 4)
+    with CompileWatcher() as watch:
+        compiled(X)  # runs the width-4 entry: a first use, fine
+        watch.step("hotswap #1: width 6")
+        model.lin = torch.nn.Linear(4, 6)
+        compiled(X)  # runs the width-6 entry an earlier test compiled: a fresh process recompiles
+    assert watch.compiles == 0
+    [switch] = watch.events
+    assert (switch.kind, switch.frame, switch.step) == (
+        "cache_switch",
+        "forward",
+        "hotswap #1: width 6",
+    )
+    assert switch.reasons[0].startswith(
+        "tensor 'L['self']._modules['lin']._parameters['bias']' size=[4] (entry "
+    )
+    assert switch.reasons[0].endswith(
+        "is size=[6] in entry " + switch.compile_id + ", compiled before this test"
+    )
+    assert watch.recompiles == 1
+    with pytest.raises(RecompileError) as caught:
+        watch.assert_no_recompile()
+    message = str(caught.value)
+    assert "cache switch (the frame ran a compiled entry made before this test" in message
+    assert 'after step "hotswap #1: width 6": forward (tests/test_watch.py:' in message
+    assert "guard: tensor 'self.lin.bias' size=[4] (entry" in message
+
+    # Negative controls on the same object: entries this scope ran before a step are fine.
+    with CompileWatcher() as again:
+        compiled(X)  # width 6
+        model.lin = torch.nn.Linear(4, 4)
+        compiled(X)  # width 4: a second entry, but before any step
+        again.step("back and forth")
+        model.lin = torch.nn.Linear(4, 6)
+        compiled(X)
+        model.lin = torch.nn.Linear(4, 4)
+        compiled(X)
+    assert again.events == [] and again.recompiles == 0
+
+
+def test_in_place_swaps_on_a_shared_compiled_object_are_no_cache_switch() -> None:
+    class Shared(_Net):
+        def forward(self, x):
+            return self.lin(x) + 0
+
+    model = Shared()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, isolate_recompiles=True)
+    compiled(X)
+    with CompileWatcher() as watch:
+        compiled(X)
+        watch.step("hotswap #1: in place")
+        with torch.no_grad():
+            model.lin.weight.copy_(torch.randn(4, 4))
+        compiled(X)
+    assert watch.events == []
+    watch.assert_no_recompile()
+
+
+def test_adopted_entries_count_as_the_scopes_own_setup() -> None:
+    class Shared(_Net):
+        def forward(self, x):
+            return self.lin(x) * 1
+
+    model = Shared()
+    model.compile(backend="eager", fullgraph=True, isolate_recompiles=True)
+    model(X)  # width 4 and width 6, both compiled while a pipeline was built
+    model.lin = torch.nn.Linear(4, 6)
+    model(X)
+    with CompileWatcher() as watch:
+        watch.adopt(model)
+        watch.step("a swap")
+        model.lin = torch.nn.Linear(4, 4)
+        model(X)
+    assert watch.events == []
+
+
+def test_a_storm_is_seen_in_the_compile_metrics_when_dynamos_logger_is_quiet() -> None:
+    def triple(x):
+        return x * 3
+
+    compiled = torch.compile(triple, backend="eager", isolate_recompiles=True, recompile_limit=2)
+    dynamo = logging.getLogger("torch._dynamo")
+    level = dynamo.level
+    try:
+        with CompileWatcher() as watch:
+            dynamo.setLevel(logging.ERROR)  # a downstream fixture quieting dynamo
+            for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                compiled(torch.ones(3, dtype=dtype))
+    finally:
+        dynamo.setLevel(level)
+    assert [event.kind for event in watch.events] == ["compile", "recompile", "storm"]
+    assert watch.events[-1].reasons[-1] == "dynamo: Dynamo recompile limit exceeded"
+    with pytest.raises(RecompileError, match="recompile storm"):
+        watch.assert_no_recompile(max_recompiles=100)
+
+
+def test_isolate_compiles_makes_isolation_the_default_and_puts_torch_back() -> None:
+    from pytest_hotswap.watch.caches import region_of
+    from pytest_hotswap.watch.isolation import isolate_compiles
+
+    original = torch.compile
+    undo = isolate_compiles()
+    try:
+        assert region_of(torch.compile(_Net(), backend="eager")) is not None
+        explicit = torch.compile(_Net(), backend="eager", isolate_recompiles=False)
+        assert region_of(explicit) is None  # an explicit argument wins
+        assert isolate_compiles()() is None  # patching twice is a no-op
+    finally:
+        undo()
+    assert torch.compile is original

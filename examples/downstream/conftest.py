@@ -35,13 +35,15 @@ def pytest_hotswap_build_pipeline(name: str, options: HotswapOptions) -> Pipelin
 
 
 def pytest_hotswap_recompile(item: pytest.Item, event: CompileEvent) -> None:
-    """One line per recompile, as it happens; a warning annotation on the PR under GitHub Actions."""
+    """One line per failing event as it happens (a recompile, or a swap that re-shaped a LoRA
+    tensor); a warning annotation on the PR under GitHub Actions."""
     terminal = item.config.pluginmanager.get_plugin("terminalreporter")
     if terminal is None:  # an xdist worker: the controller's summary lists the recompile
         return
-    guard = shorten_reason(event.reasons[0]) if event.reasons else "no guard failure reported"
-    message = f"{item.nodeid}: recompile {event.compile_id} after {event.step!r}: {guard}"
+    what = event.kind.replace("_", " ")
+    detail = shorten_reason(event.reasons[0]) if event.reasons else "no reason reported"
+    message = f"{item.nodeid}: {what} {event.compile_id} after {event.step!r}: {detail}"
     if os.environ.get("GITHUB_ACTIONS") == "true":
         path, line = item.location[0], item.location[1] + 1
-        message = f"::warning file={path},line={line},title=hotswap recompile::{message}"
+        message = f"::warning file={path},line={line},title=hotswap {what}::{message}"
     terminal.write_line(message)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
+
+from pytest_hotswap.stacks import KnownDefect, describe_stack, installed_stack
 
 #: Scenario (test function ``test_<name>``) -> the label in the matrix, in matrix order.
 SCENARIOS = {
@@ -16,16 +19,67 @@ SCENARIOS = {
     "different_alpha": "different alpha",
     "subset_targets": "subset of targets",
     "superset_targets": "superset of targets (rejected)",
+    "disjoint_targets": "disjoint targets (union padding)",
     "text_encoder_keys": "text-encoder keys (rejected)",
+    "text_encoder_hotswap": "text-encoder hotswap (opt-in)",
     "conv2d": "conv2d LoRA",
     "quantized_base": "quantized base",
     "a_b_a": "A -> B -> A identical",
     "long_sequence": "50 swaps",
     "strength_change": "LoRA strength change",
+    "two_adapters": "two adapters, weights changed",
+    "slot_off_on": "slot switched off and on",
+    "catalog": "catalog",
 }
 
 #: Verdicts in the matrix, from a test report.
 PASS, DEFECT, FAIL, FIXED, NA, ERROR = "pass", "upstream defect", "FAIL", "XPASS", "n/a", "ERROR"
+UNSUPPORTED, MAYBE_FIXED, UNVERIFIED_DEFECT = (
+    "not supported",
+    "fixed upstream?",
+    "defect (unverified)",
+)
+#: The user property a test sets to show its own verdict (a refused catalog file, say).
+VERDICT_PROPERTY = "hotswap_verdict"
+_RED = (FAIL, FIXED, ERROR)
+
+
+class NotRejectedError(AssertionError):
+    """An adapter that cannot be hotswapped was accepted."""
+
+
+class ModelChangedError(AssertionError):
+    """A swap that raised left the model changed."""
+
+
+class WrongOutputError(AssertionError):
+    """The hotswapped pipeline's output differs from a fresh eager load of the same adapter."""
+
+
+#: How each kind of known defect shows up in a test: the exception ``xfail(raises=...)`` expects.
+FAILURE_EXCEPTIONS: dict[str, type[BaseException]] = {
+    KnownDefect.NOT_REJECTED: NotRejectedError,
+    KnownDefect.MODEL_CHANGED: ModelChangedError,
+    KnownDefect.RECOMPILES: pytest.fail.Exception,  # raised by no_recompile only
+    KnownDefect.WRONG_OUTPUT: WrongOutputError,
+}
+
+
+def expect_defect(request: pytest.FixtureRequest, defect: KnownDefect) -> None:
+    """Mark the running test with a known defect.
+
+    On a stack inside the defect's verified ranges it is a strict xfail with the documented
+    failure: a fixed upstream turns the run red. Outside them it is not strict: a defect that no
+    longer reproduces shows as "fixed upstream?" and passes; any other failure still fails.
+    """
+    verified = defect.verified_on()
+    reason = (
+        defect.reason if verified else f"{defect.reason} [verified on {defect.describe_range()}]"
+    )
+    request.applymarker(
+        pytest.mark.xfail(reason=reason, raises=FAILURE_EXCEPTIONS[defect.failure], strict=verified)
+    )
+    request.node.user_properties.append(("hotswap_defect_verified", verified))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,17 +114,14 @@ def snapshot(pipeline: Any) -> Snapshot:
     """A bit-exact copy of what a failed swap must leave untouched (base weights included)."""
     import torch
 
-    modules = {"denoiser": pipeline.denoiser}
-    pipe = pipeline.pipe
-    for name in ("text_encoder", "text_encoder_2"):
-        component = getattr(pipe, name, None) if pipe is not None else None
-        if isinstance(component, torch.nn.Module):
-            modules[name] = component
+    from pytest_hotswap.reference.components import unwrap_compiled
+
+    modules = {"denoiser": pipeline.denoiser, **pipeline.spec.text_encoders()}
     tensors: dict[str, Any] = {}
     scalings: dict[str, Any] = {}
     configs: dict[str, str] = {}
     for prefix, module in modules.items():
-        module = getattr(module, "_orig_mod", module)
+        module = unwrap_compiled(module)
         for key, value in module.state_dict(keep_vars=False).items():
             plain = value.dequantize() if hasattr(value, "dequantize") else value
             tensors[f"{prefix}.{key}"] = plain.detach().clone()
@@ -84,34 +135,78 @@ def snapshot(pipeline: Any) -> Snapshot:
     return Snapshot(tensors, scalings, configs)
 
 
-def eager_output(config: pytest.Config, pipeline: Any, lora: Any, scale: float = 1.0) -> Any:
-    """The output of a fresh, uncompiled, unpadded pipeline with ``lora`` loaded the plain way."""
+def eager_output(
+    config: pytest.Config,
+    pipeline: Any,
+    loras: Sequence[tuple[Any, float]] | Any,
+    scale: float = 1.0,
+) -> Any:
+    """The output of a fresh, uncompiled, unpadded pipeline with the adapters loaded the plain way.
+
+    ``loras`` is one adapter (at strength ``scale``) or ``(adapter, weight)`` pairs, loaded as
+    separate adapters and combined with diffusers' ``set_adapters`` (PEFT's scales for a model
+    without a diffusers pipeline). One eager pipeline per configuration is built and reused: its
+    adapters are unloaded again after each call (a bare model is built anew each time).
+    """
     import torch
 
     from pytest_hotswap import pipelines
+    from pytest_hotswap.plugin.fixtures import session_of
 
-    options = pipeline.options
-    spec = config.hook.pytest_hotswap_build_pipeline(name=pipeline.name, options=options)
-    pipelines.load_first_adapter(spec, lora)
-    pipelines.quantize_denoiser(spec.denoiser, options.quantize)
-    if scale != 1.0:
-        _set_strength_the_plain_way(spec, scale)
-    with torch.no_grad():
-        return spec.run()
+    pairs = list(loras) if isinstance(loras, list) else [(loras, scale)]
+    session = session_of(config)
+    outputs = _EAGER_OUTPUTS.setdefault(id(session), {})
+    key = (pipeline.name, pipeline.options, tuple((str(lora), weight) for lora, weight in pairs))
+    if key in outputs:
+        return outputs[key]
+    spec = _EAGER_SPECS.get((id(session), pipeline.name, pipeline.options))
+    if spec is None:
+        spec = session.build_spec(pipeline.name, pipeline.options)
+        pipelines.quantize_denoiser(spec.denoiser, pipeline.options.quantize)
+        if spec.has_lora_loader:  # reusable: its adapters can be unloaded
+            _EAGER_SPECS[(id(session), pipeline.name, pipeline.options)] = spec
+    names = []
+    try:
+        for index, (lora, _) in enumerate(pairs):
+            name = pipelines.ADAPTER_NAME if index == 0 else f"adapter_{index}"
+            _load_plain(spec, lora, name)
+            names.append(name)
+        weights = [weight for _, weight in pairs]
+        if weights != [1.0]:
+            _set_weights(spec, names, weights)
+        with torch.no_grad():
+            outputs[key] = spec.run()
+    finally:
+        if spec.has_lora_loader:
+            spec.pipe.unload_lora_weights()
+    return outputs[key]
 
 
-def _set_strength_the_plain_way(spec: Any, scale: float) -> None:
+_EAGER_OUTPUTS: dict[int, dict[Any, Any]] = {}
+_EAGER_SPECS: dict[tuple[Any, ...], Any] = {}
+
+
+def _load_plain(spec: Any, lora: Any, name: str) -> None:
+    from pytest_hotswap import pipelines
+
+    if name == pipelines.ADAPTER_NAME:
+        pipelines.load_first_adapter(spec, lora)
+        return
+    with pipelines.quiet_diffusers():
+        spec.pipe.load_lora_weights(pipelines.recipe.loadable(lora), adapter_name=name)
+
+
+def _set_weights(spec: Any, names: list[str], weights: list[float]) -> None:
     """diffusers' ``set_adapters`` for a pipeline, PEFT's ``set_scale`` for a bare model."""
-    from pytest_hotswap.pipelines import ADAPTER_NAME
-
     if spec.pipe is not None and hasattr(spec.pipe, "set_adapters"):
-        spec.pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+        spec.pipe.set_adapters(names, adapter_weights=weights)
         return
     from peft.tuners.lora import LoraLayer
 
     for module in spec.denoiser.modules():
         if isinstance(module, LoraLayer):
-            module.set_scale(ADAPTER_NAME, scale)
+            for name, weight in zip(names, weights, strict=True):
+                module.set_scale(name, weight)
 
 
 def assert_same_output(actual: Any, expected: Any, dtype: str) -> None:
@@ -120,33 +215,48 @@ def assert_same_output(actual: Any, expected: Any, dtype: str) -> None:
 
     __tracebackhide__ = True
     atol, rtol = (1e-4, 1e-3) if dtype == "float32" else (2e-2, 2e-2)
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+    try:
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+    except AssertionError as error:
+        raise WrongOutputError(f"not the output of a fresh eager load: {error}") from None
 
 
 # --- The matrix ------------------------------------------------------------------------------
 
 
 def _verdict(report: pytest.TestReport) -> str | None:
-    if report.when == "call" or (report.when == "setup" and not report.passed):
-        if hasattr(report, "wasxfail"):
-            return DEFECT if report.skipped else FIXED
-        if report.passed:
-            return PASS
+    if not (report.when == "call" or (report.when == "setup" and not report.passed)):
+        return None
+    own = dict(report.user_properties).get(VERDICT_PROPERTY)
+    verified = dict(report.user_properties).get("hotswap_defect_verified", True)
+    if hasattr(report, "wasxfail"):
         if report.skipped:
-            return NA
-        if report.failed and report.longreprtext.lstrip().startswith("[XPASS(strict)]"):
-            return FIXED
-        return FAIL if report.when == "call" else ERROR
-    return None
+            return DEFECT if verified else UNVERIFIED_DEFECT
+        return MAYBE_FIXED if report.passed else FIXED
+    if report.passed:
+        return own or PASS
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+        return UNSUPPORTED if "not supported" in reason else NA
+    if report.failed and report.longreprtext.lstrip().startswith("[XPASS(strict)]"):
+        return FIXED
+    return FAIL if report.when == "call" else ERROR
 
 
-def _cell(nodeid: str) -> tuple[str, str] | None:
-    """``.../test_conformance.py::test_same_rank[sd-diffusers]`` -> (same_rank, sd-diffusers)."""
+def _cell(report: pytest.TestReport) -> tuple[str, str] | None:
+    """``.../test_conformance.py::test_same_rank[sd-diffusers]`` -> (same rank, sd-diffusers)."""
+    nodeid = report.nodeid
     if "::test_" not in nodeid or "[" not in nodeid:
         return None
     name, _, param = nodeid.rsplit("::", 1)[1].partition("[")
     scenario = name.removeprefix("test_")
-    return (scenario, param.rstrip("]")) if scenario in SCENARIOS else None
+    if scenario not in SCENARIOS:
+        return None
+    param = param.rstrip("]")
+    if scenario == "catalog":  # [sd-reference-style.safetensors]: one row per file
+        column, _, file = param.partition("|")
+        return f"catalog: {file}", column
+    return SCENARIOS[scenario], param
 
 
 class ConformanceMatrix:
@@ -161,7 +271,7 @@ class ConformanceMatrix:
         self.cells: dict[tuple[str, str], str] = {}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        cell, verdict = _cell(report.nodeid), _verdict(report)
+        cell, verdict = _cell(report), _verdict(report)
         # The first verdict that is not a pass sticks (a teardown error after a pass, say).
         if cell is not None and verdict is not None and self.cells.get(cell, PASS) == PASS:
             self.cells[cell] = verdict
@@ -174,6 +284,7 @@ class ConformanceMatrix:
         if self.cells:
             columns, rows = matrix_rows(self.cells)
             report["conformance"] = {
+                "stack": installed_stack(),
                 "columns": columns,
                 "rows": [
                     {"scenario": r[0], "results": dict(zip(columns, r[1:], strict=True))}
@@ -188,10 +299,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def matrix_rows(cells: dict[tuple[str, str], str]) -> tuple[list[str], list[list[str]]]:
     columns = sorted({column for _, column in cells}, key=_column_order)
+    labels = list(SCENARIOS.values())
+    scenarios = sorted(
+        {scenario for scenario, _ in cells},
+        key=lambda s: (labels.index(s) if s in labels else len(labels), s),
+    )
     rows = [
-        [label, *(cells.get((scenario, column), "-") for column in columns)]
-        for scenario, label in SCENARIOS.items()
-        if any((scenario, column) in cells for column in columns)
+        [scenario, *(cells.get((scenario, column), "-") for column in columns)]
+        for scenario in scenarios
     ]
     return columns, rows
 
@@ -202,26 +317,158 @@ def _column_order(column: str) -> tuple[int, str]:
 
 
 def write_matrix(tr: Any, cells: dict[tuple[str, str], str], config: pytest.Config) -> None:
-    from pytest_hotswap.plugin import OPTIONS_KEY
+    from pytest_hotswap.plugin.fixtures import session_of
+    from pytest_hotswap.report import format_table
 
-    options = config.stash[OPTIONS_KEY]
+    session = session_of(config)
+    options = session.resolved_options
     columns, rows = matrix_rows(cells)
-    table = [["scenario", *columns], *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(columns) + 1)]
+    verified = _stack_verified(session)
     tr.section("hotswap conformance matrix")
-    tr.write_line(
-        f"backend={options.backend} mode={options.mode} max_rank={options.max_rank} "
-        f"device={options.device} dtype={options.dtype} quantize={options.quantize}"
-    )
-    for row in table:
-        line = "  ".join(
-            cell.ljust(width) for cell, width in zip(row, widths, strict=True)
-        ).rstrip()
+    tr.write_line(f"stack: {describe_stack()} ({verified})")
+    tr.write_line(options.describe())
+    table = format_table(["scenario", *columns], rows, indent="")
+    for index, line in enumerate(table):
+        row = rows[index - 1] if index else None
         tr.write_line(
-            line, red=any(c in (FAIL, FIXED, ERROR) for c in row[1:]), bold=row is table[0]
+            line, red=row is not None and any(c in _RED for c in row[1:]), bold=index == 0
         )
     tr.write_line(
         f"{PASS}: no recompile and the output of a fresh eager load (or rejected, model untouched); "
         f"{DEFECT}: known upstream defect, xfail(strict); {FIXED}: a known defect no longer "
-        "reproduces, update the suite; n/a: the pipeline has no such layers"
+        f"reproduces on its verified stack, update the suite; {MAYBE_FIXED}: a known defect does "
+        f"not reproduce on this unverified stack; {UNSUPPORTED}: the implementation cannot do it; "
+        "n/a: the pipeline has no such layers"
     )
+
+
+def _stack_verified(session: Any) -> str:
+    defects = [d for name in session.options.implementations for d in _known(session, name)]
+    if not defects:
+        return "no known defects to verify"
+    if all(defect.verified_on() for defect in defects):
+        return "verified: the known defects were reproduced on these versions"
+    return (
+        "not verified: known defects are expected loosely, a vanished one reads 'fixed upstream?'"
+    )
+
+
+def _known(session: Any, name: str) -> tuple[KnownDefect, ...]:
+    try:
+        return session.implementations[name].known_defects
+    except KeyError:
+        return ()
+
+
+# --- The catalog scenario ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CatalogCase:
+    """One file of the catalog on one pipeline with one implementation."""
+
+    pipeline: str
+    implementation: str
+    entry: Any  # CatalogEntry
+    first: Any  # the first usable file: loaded before compiling
+    usable: list[Any]  # the files the pattern can take: their targets are padded (union)
+    max_rank: int
+    features: frozenset[str]
+    diffusers: bool = True  # the pipeline loads adapters with diffusers' loaders
+
+    def problem(self, implementation: Any) -> tuple[str | None, str, str] | None:
+        """``(scenario of the matching known defect, reason, reference error)`` for a file this
+        implementation must refuse, else ``None``."""
+        from pytest_hotswap.catalog import PEFT_NATIVE
+        from pytest_hotswap.implementations import FEATURE_TARGETS
+
+        limit = self.entry.pattern_limit(self.max_rank, diffusers=self.diffusers)
+        header = self.entry.header
+        if limit is not None:
+            if header is None:
+                return None, limit.label, "InvalidAdapterError"
+            if header.tuner != "LoRA":
+                return "other_tuner", limit.label, "HotswapError"
+            if limit.label == PEFT_NATIVE:
+                return "peft_native_keys", limit.label, "HotswapError"
+            if header.text_encoder_layers:
+                return "text_encoder_keys", limit.label, "TextEncoderLoraError"
+            return "rank_over_max", limit.label, "RankTooLargeError"
+        if FEATURE_TARGETS not in implementation.features:
+            extra = [k for k in header.denoiser_keys if k not in self.first.header.layers]
+            if extra:
+                reason = (
+                    f"targets {len(extra)} layers {self.first.name} does not (no union padding)"
+                )
+                return "superset_targets", reason, "UnexpectedTargetsError"
+        return None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``catalog_case``: every file of the catalog x pipeline x implementation, ids
+    ``sd-reference|file.safetensors`` (the matrix shows one row per file)."""
+    if "catalog_case" not in metafunc.fixturenames:
+        return
+    from pytest_hotswap.adapters import catalog_recipe_names
+    from pytest_hotswap.pipelines.saved import label_of
+    from pytest_hotswap.plugin.fixtures import session_of
+
+    session = session_of(metafunc.config)
+    catalog = session.catalog
+    files = [e.name for e in catalog.entries] if catalog is not None else catalog_recipe_names()
+    params = [
+        (pipeline, implementation, file)
+        for pipeline in session.options.pipelines
+        for implementation in session.options.implementations
+        for file in files
+    ]
+    ids = [f"{label_of(p)}-{i}|{f}" for p, i, f in params]
+    metafunc.parametrize("catalog_case", params, ids=ids, indirect=True)
+
+
+_GENERATED: dict[tuple[int, str], Any] = {}
+
+
+@pytest.fixture
+def catalog_case(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> CatalogCase:
+    from pytest_hotswap.plugin.fixtures import session_of
+
+    pipeline, implementation, file = request.param
+    session = session_of(request.config)
+    catalog, diffusers = _catalog_for(session, pipeline, tmp_path_factory)
+    entry = next((e for e in catalog.entries if e.name == file), None)
+    if entry is None:
+        pytest.skip(f"n/a: the generated catalog of {pipeline} has no {file}")
+    max_rank = session.resolved_options.max_rank
+    usable = catalog.usable(max_rank, diffusers=diffusers)
+    if not usable:
+        pytest.fail(
+            f"no file of the catalog {catalog.source} can be hotswapped at max rank {max_rank}"
+        )
+    impl = session.implementations[implementation]
+    return CatalogCase(
+        pipeline, implementation, entry, usable[0], usable, max_rank, impl.features, diffusers
+    )
+
+
+def _catalog_for(
+    session: Any, pipeline: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Any, bool]:
+    """The catalog to run on ``pipeline`` (the user's, else a small generated one of every key
+    style and limit, written once per pipeline and session), and whether the pipeline loads
+    adapters through diffusers."""
+    from pytest_hotswap.adapters import make_catalog
+    from pytest_hotswap.catalog import load_catalog
+
+    key = (id(session), pipeline)
+    if key not in _GENERATED:
+        spec = session.build_spec(pipeline, session.resolved_options)
+        catalog = session.catalog
+        if catalog is None:
+            folder = tmp_path_factory.mktemp(f"catalog-{pipeline.replace('/', '_')}")
+            make_catalog(spec.lora_target, folder)
+            catalog = load_catalog(folder)
+        _GENERATED[key] = (catalog, spec.has_lora_loader)
+    return _GENERATED[key]

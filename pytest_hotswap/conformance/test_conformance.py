@@ -3,7 +3,9 @@
 A scenario that swaps in a valid adapter passes when the compiled pipeline does not recompile and
 its output equals a fresh eager pipeline with the same adapter loaded the plain way. A scenario
 that swaps in an adapter that cannot be hotswapped passes when the swap raises, the model is left
-bit-for-bit as it was, and the next call neither recompiles nor changes the output.
+bit-for-bit as it was, and the next call neither recompiles nor changes the output. What an
+implementation cannot do at all is "not supported"; its known upstream defects are xfails (strict
+on the stack they were verified on).
 """
 
 from __future__ import annotations
@@ -14,101 +16,65 @@ from typing import Any
 import pytest
 
 from pytest_hotswap.conformance.conftest import (
+    VERDICT_PROPERTY,
+    ModelChangedError,
+    NotRejectedError,
     Snapshot,
     assert_same_output,
     eager_output,
+    expect_defect,
     snapshot,
 )
 
 pytestmark = pytest.mark.no_recompile
 
 
-Rejection = type[Exception] | tuple[type[Exception], ...]
-
-
-class NotRejectedError(AssertionError):
-    """An adapter that cannot be hotswapped was accepted."""
-
-
-class ModelChangedError(AssertionError):
-    """A swap that raised left the model changed."""
-
-
-#: (scenario, implementation) -> (what upstream does wrong, the failure that shows it), reproduced
-#: with diffusers 0.42.1 and PEFT 0.21.2. Each is xfail(strict=True, raises=...): a fixed upstream
-#: turns the run red, and so does a different failure than the documented one.
-KNOWN_DEFECTS: dict[tuple[str, str], tuple[str, type[BaseException]]] = {
-    ("rank_over_max", "diffusers"): (
-        "diffusers/PEFT do not refuse an adapter above enable_lora_hotswap(target_rank): the "
-        "LoRA parameter silently grows and the next call recompiles",
-        NotRejectedError,
-    ),
-    ("superset_targets", "diffusers"): (
-        "PEFT refuses keys the first adapter lacks, then diffusers' load_lora_adapter deletes the "
-        "loaded adapter: the next call recompiles and runs without any LoRA",
-        ModelChangedError,  # LoRA tensors removed
-    ),
-    ("text_encoder_keys", "diffusers"): (
-        "load_lora_weights(hotswap=True) swaps the denoiser first and fails on the text-encoder "
-        "keys only afterwards: the model is left half-swapped",
-        ModelChangedError,  # denoiser LoRA values swapped
-    ),
-    ("strength_change", "diffusers"): (
-        "diffusers changes LoRA strength through a Python float (the `scale` call argument): "
-        "every new value recompiles",
-        pytest.fail.Exception,  # raised by no_recompile only
-    ),
-}
-
-
 @pytest.fixture(autouse=True)
 def _known_defects(request: pytest.FixtureRequest) -> None:
     if "hotswap_pipeline" not in request.fixturenames:
         return
+    from pytest_hotswap.plugin.fixtures import session_of
+
     implementation = request.node.callspec.params["hotswap_pipeline"][1]
     scenario = request.node.originalname.removeprefix("test_")
-    defect = KNOWN_DEFECTS.get((scenario, implementation))
+    impl = session_of(request.config).implementations[implementation]
+    defect = impl.defect(scenario)
     if defect is not None:
-        reason, raises = defect
-        request.applymarker(pytest.mark.xfail(reason=reason, raises=raises, strict=True))
+        expect_defect(request, defect)
 
 
-def swap_and_compare(hotswap_pipeline: Any, lora: Any, config: pytest.Config) -> Any:
+def swap_and_compare(pipeline: Any, lora: Any, config: pytest.Config) -> Any:
     """Swap ``lora`` in, run, and compare with a fresh eager load; returns the output."""
     __tracebackhide__ = True
-    before = hotswap_pipeline.run()
-    hotswap_pipeline.swap(lora)
-    actual = hotswap_pipeline.run()
-    assert_same_output(
-        actual, eager_output(config, hotswap_pipeline, lora), hotswap_pipeline.options.dtype
-    )
+    before = pipeline.run()
+    pipeline.swap(lora)
+    actual = pipeline.run()
+    assert_same_output(actual, eager_output(config, pipeline, lora), pipeline.options.dtype)
     assert not _close(actual, before), (
         "the new adapter did not change the output: nothing was swapped"
     )
     return actual
 
 
-def assert_rejected(hotswap_pipeline: Any, lora: Any, expected_error: Rejection) -> None:
+def assert_rejected(pipeline: Any, lora: Any, expected_error: tuple[type[Exception], ...]) -> None:
     """The swap raises ``expected_error``; the model is untouched and keeps working as before."""
     import torch
 
     __tracebackhide__ = True
-    before_output = hotswap_pipeline.run()
-    before: Snapshot = snapshot(hotswap_pipeline)
+    before_output = pipeline.run()
+    before: Snapshot = snapshot(pipeline)
     try:
-        hotswap_pipeline.swap(lora)
+        pipeline.swap(lora)
     except expected_error:
         pass
     else:
-        raise NotRejectedError(f"{hotswap_pipeline.implementation} accepted {lora}")
-    changed = before.differences(snapshot(hotswap_pipeline))
+        raise NotRejectedError(f"{pipeline.implementation} accepted {lora}")
+    changed = before.differences(snapshot(pipeline))
     if changed:
         raise ModelChangedError(
             "the failed swap changed the model:\n  " + "\n  ".join(changed[:10])
         )
-    assert torch.equal(hotswap_pipeline.run(), before_output), (
-        "the output changed after a failed swap"
-    )
+    assert torch.equal(pipeline.run(), before_output), "the output changed after a failed swap"
 
 
 def _close(a: Any, b: Any) -> bool:
@@ -117,14 +83,15 @@ def _close(a: Any, b: Any) -> bool:
     return torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-def _rejection(implementation: str, reference_error: str) -> Rejection:
-    """The reference raises its own class; diffusers + PEFT raise ValueError (or RuntimeError for
-    PEFT's unexpected keys). A harness error (a missing file, a TypeError) is never a rejection."""
-    if implementation == "reference":
-        from pytest_hotswap import reference
+def _factory(factory: Any, pipeline: Any, **kwargs: Any) -> Any:
+    """Another configuration of the same pipeline and implementation; "not supported" when the
+    implementation cannot prepare it."""
+    from pytest_hotswap.implementations import UnsupportedFeatureError
 
-        return getattr(reference, reference_error)
-    return (ValueError, RuntimeError)
+    try:
+        return factory(pipeline.name, pipeline.implementation, **kwargs)
+    except UnsupportedFeatureError as error:
+        pytest.skip(f"not supported: {error}")
 
 
 @pytest.fixture
@@ -162,12 +129,30 @@ def test_subset_targets(hotswap_pipeline, lora_factory, pytestconfig):
     swap_and_compare(hotswap_pipeline, lora, pytestconfig)
 
 
+def test_disjoint_targets(hotswap_pipeline, hotswap_pipeline_factory, lora_factory, pytestconfig):
+    from pytest_hotswap.adapters import lora_targets
+
+    names = lora_targets(hotswap_pipeline.denoiser)
+    even, odd = names[0::2], names[1::2]
+    first = lora_factory(hotswap_pipeline, rank=8, targets=even, seed=30)
+    second = lora_factory(hotswap_pipeline, rank=8, targets=odd, seed=31)
+    pipeline = _factory(
+        hotswap_pipeline_factory, hotswap_pipeline, first_lora=first, targets=[first, second]
+    )
+    swap_and_compare(pipeline, second, pytestconfig)
+    pipeline.swap(first)
+    assert_same_output(
+        pipeline.run(), eager_output(pytestconfig, pipeline, first), pipeline.options.dtype
+    )
+
+
 def test_conv2d(hotswap_pipeline, lora_factory, pytestconfig):
     import torch
 
     from pytest_hotswap.adapters import lora_targets
+    from pytest_hotswap.reference.components import unwrap_compiled
 
-    denoiser = getattr(hotswap_pipeline.denoiser, "_orig_mod", hotswap_pipeline.denoiser)
+    denoiser = unwrap_compiled(hotswap_pipeline.denoiser)
     convs = [
         name
         for name in lora_targets(denoiser)
@@ -231,20 +216,56 @@ def test_long_sequence(hotswap_pipeline, lora_factory, pytestconfig):
 def test_strength_change(hotswap_pipeline, pytestconfig):
     first = hotswap_pipeline.first_lora
     for scale in (0.5, 0.7, 1.0):
-        actual = _run_with_strength(hotswap_pipeline, scale)
+        hotswap_pipeline.set_strength(scale)
+        actual = hotswap_pipeline.run()
         expected = eager_output(pytestconfig, hotswap_pipeline, first, scale=scale)
         assert_same_output(actual, expected, hotswap_pipeline.options.dtype)
 
 
-def _run_with_strength(pipeline: Any, scale: float) -> Any:
-    """Reference: set_lora_scale writes the scaling tensors; diffusers: the `scale` call argument."""
-    if pipeline.implementation == "reference":
-        from pytest_hotswap.reference import set_lora_scale
+# --- Beyond the pattern: text encoders and weighted slots ---------------------------------------
 
-        set_lora_scale(pipeline.spec.lora_target, scale)
-        return pipeline.run()
-    kwarg = "joint_attention_kwargs" if pipeline.name == "flux" else "cross_attention_kwargs"
-    return pipeline.run(**{kwarg: {"scale": scale}})
+
+def test_text_encoder_hotswap(
+    hotswap_pipeline, hotswap_pipeline_factory, lora_factory, pytestconfig
+):
+    if not hotswap_pipeline.spec.text_encoders():
+        pytest.skip(f"n/a: {hotswap_pipeline.name} has no text encoder")
+    pipeline = _factory(hotswap_pipeline_factory, hotswap_pipeline, text_encoder=True)
+    for seed in (40, 41):
+        lora = lora_factory(pipeline, rank=4, alpha=8, text_encoder=True, seed=seed)
+        swap_and_compare(pipeline, lora, pytestconfig)
+
+
+def test_two_adapters(hotswap_pipeline, hotswap_pipeline_factory, lora_factory, pytestconfig):
+    pipeline = _factory(hotswap_pipeline_factory, hotswap_pipeline, slots=2)
+    second = lora_factory(pipeline, rank=4, alpha=8, seed=42)
+    pipeline.swap(second, slot=1)
+    for weights in ((0.7, 0.4), (0.3, 1.0)):
+        pipeline.set_strength(weights[0], slot=0)
+        pipeline.set_strength(weights[1], slot=1)
+        expected = eager_output(
+            pytestconfig, pipeline, [(pipeline.first_lora, weights[0]), (second, weights[1])]
+        )
+        assert_same_output(pipeline.run(), expected, pipeline.options.dtype)
+
+
+def test_slot_off_on(hotswap_pipeline, hotswap_pipeline_factory, lora_factory, pytestconfig):
+    import torch
+
+    pipeline = _factory(hotswap_pipeline_factory, hotswap_pipeline, slots=2)
+    alone = pipeline.run()  # every slot but the first starts switched off
+    second = lora_factory(pipeline, rank=8, seed=43)
+    pipeline.swap(second, slot=1)
+    pipeline.set_strength(1.0, slot=1)
+    both = pipeline.run()
+    expected = eager_output(pytestconfig, pipeline, [(pipeline.first_lora, 1.0), (second, 1.0)])
+    assert_same_output(both, expected, pipeline.options.dtype)
+    pipeline.set_strength(0.0, slot=1)
+    assert torch.equal(pipeline.run(), alone), "a slot switched off still changes the output"
+    pipeline.set_strength(1.0, slot=1)
+    assert torch.equal(pipeline.run(), both), (
+        "switching the slot back on did not restore its output"
+    )
 
 
 # --- Rejected adapters -----------------------------------------------------------------------
@@ -253,8 +274,7 @@ def _run_with_strength(pipeline: Any, scale: float) -> Any:
 def test_rank_over_max(hotswap_pipeline, lora_factory, discard_after):
     discard_after(hotswap_pipeline)
     lora = lora_factory(hotswap_pipeline, rank=hotswap_pipeline.max_rank + 8, seed=20)
-    error = _rejection(hotswap_pipeline.implementation, "RankTooLargeError")
-    assert_rejected(hotswap_pipeline, lora, error)
+    assert_rejected(hotswap_pipeline, lora, hotswap_pipeline.impl.rejection("RankTooLargeError"))
 
 
 def test_superset_targets(hotswap_pipeline, hotswap_pipeline_factory, lora_factory, discard_after):
@@ -262,14 +282,54 @@ def test_superset_targets(hotswap_pipeline, hotswap_pipeline_factory, lora_facto
         hotswap_pipeline.name, hotswap_pipeline.implementation, first_targets="half"
     )
     discard_after(pipeline)
-    error = _rejection(pipeline.implementation, "UnexpectedTargetsError")
+    error = pipeline.impl.rejection("UnexpectedTargetsError")
     assert_rejected(pipeline, lora_factory(pipeline, rank=8, targets="all", seed=21), error)
 
 
 def test_text_encoder_keys(hotswap_pipeline, lora_factory, discard_after):
-    if getattr(hotswap_pipeline.pipe, "text_encoder", None) is None:
+    if not hotswap_pipeline.spec.text_encoders():
         pytest.skip(f"n/a: {hotswap_pipeline.name} has no text encoder")
     discard_after(hotswap_pipeline)
     lora = lora_factory(hotswap_pipeline, rank=8, text_encoder=True, seed=22)
-    error = _rejection(hotswap_pipeline.implementation, "TextEncoderLoraError")
-    assert_rejected(hotswap_pipeline, lora, error)
+    assert_rejected(hotswap_pipeline, lora, hotswap_pipeline.impl.rejection("TextEncoderLoraError"))
+
+
+# --- Your adapters: the catalog ---------------------------------------------------------------
+
+
+def test_catalog(catalog_case, hotswap_pipeline_factory, pytestconfig, request, discard_after):
+    """One file of the catalog, hotswapped into the catalog's pipeline and back to the first.
+
+    The pipeline is padded to the catalog's max rank and, for the reference, onto the union of
+    every usable file's targets. A file the pattern cannot take is refused, the model untouched.
+    """
+    import torch
+
+    entry, first, usable = catalog_case.entry, catalog_case.first, catalog_case.usable
+    pipeline = hotswap_pipeline_factory(
+        catalog_case.pipeline,
+        catalog_case.implementation,
+        first_lora=first.path,
+        targets=[e.path for e in usable] if "union of targets" in catalog_case.features else None,
+        max_rank=catalog_case.max_rank,
+    )
+    problem = catalog_case.problem(pipeline.impl)
+    if problem is not None:
+        scenario, reason, error = problem
+        if scenario == "peft_native_keys" and pipeline.implementation != "reference":
+            pytest.skip(f"not supported: {reason}: diffusers' loaders cannot read them")
+        defect = pipeline.impl.defect(scenario) if scenario else None
+        if defect is not None:
+            expect_defect(request, defect)
+        discard_after(pipeline)
+        request.node.user_properties.append((VERDICT_PROPERTY, f"refused: {reason}"))
+        assert_rejected(pipeline, entry.path, pipeline.impl.rejection(error))
+        return
+    start = pipeline.run()
+    if entry is not first:
+        swap_and_compare(pipeline, entry.path, pytestconfig)
+        pipeline.swap(first.path)
+    assert torch.equal(pipeline.run(), start), "back to the first adapter, the output differs"
+    assert_same_output(
+        start, eager_output(pytestconfig, pipeline, first.path), pipeline.options.dtype
+    )

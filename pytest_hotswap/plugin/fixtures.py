@@ -1,10 +1,11 @@
-"""Fixtures for ready pipelines and adapter files, registered by the core plugin as "hotswap-fixtures".
+"""Fixtures for ready pipelines and adapter files.
 
 ``hotswap_pipeline`` is parametrized over ``--hotswap-pipelines`` x ``--hotswap-implementations``
 (ids like ``sd-diffusers``). Built pipelines are cached for the session per distinct configuration,
 so a file of many tests compiles each configuration once; every test starts from the pipeline's
-first adapter at full strength, put back by a hotswap, not a recompile. A pipeline a test left
-unusable (re-shaped, not restorable, or hit by a recompile storm) is rebuilt instead.
+first adapter at full strength, put back by a hotswap, not a recompile, and with exactly the
+compiled entries its warm-up made: a pipeline an earlier test re-shaped, recompiled, or left
+running eagerly after a storm is rebuilt, so a test's verdict is the one it gets alone.
 
 Nothing heavy is imported at module level: torch and diffusers load when a fixture first runs.
 """
@@ -21,14 +22,21 @@ import pytest
 if TYPE_CHECKING:
     from pytest_hotswap.options import HotswapOptions
     from pytest_hotswap.pipelines import HotswapPipeline, PipelineSpec
+    from pytest_hotswap.plugin.session import HotswapSession
     from pytest_hotswap.watch import CompileWatcher
 
 MARKER = "hotswap"
 #: Keyword arguments of the ``hotswap`` marker; all but ``pipeline`` are option overrides.
 MARKER_KWARGS = ("pipeline", "max_rank", "backend", "quantize")
-#: Options that change what gets built: the key of the session cache.
+#: Options that change what gets built: part of the session cache's key.
 BUILD_OPTIONS = ("max_rank", "backend", "mode", "device", "dtype", "quantize")
 FIRST_ADAPTER_RANK = 8
+
+
+def session_of(config: pytest.Config) -> HotswapSession:
+    from pytest_hotswap.plugin import SESSION_KEY
+
+    return config.stash[SESSION_KEY]
 
 
 # --- Marker ----------------------------------------------------------------------------------
@@ -65,12 +73,6 @@ def _apply(options: HotswapOptions, overrides: dict[str, Any], where: str) -> Ho
         raise pytest.UsageError(f"{where}: {error}") from None
 
 
-def _options(config: pytest.Config) -> HotswapOptions:
-    from pytest_hotswap.plugin import OPTIONS_KEY
-
-    return config.stash[OPTIONS_KEY]
-
-
 # --- Parametrization -------------------------------------------------------------------------
 
 
@@ -78,7 +80,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize ``hotswap_pipeline`` over pipelines x implementations, ids ``sd-diffusers``."""
     if "hotswap_pipeline" not in metafunc.fixturenames:
         return
-    options = _options(metafunc.config)
+    from pytest_hotswap.pipelines.saved import label_of
+
+    options = session_of(metafunc.config).options
     pipeline = marker_overrides(metafunc.definition).get("pipeline")
     if pipeline is None:
         names = options.pipelines
@@ -86,7 +90,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         names = (pipeline,) if isinstance(pipeline, str) else tuple(pipeline)
     params = [(name, impl) for name in names for impl in options.implementations]
     metafunc.parametrize(
-        "hotswap_pipeline", params, ids=[f"{n}-{i}" for n, i in params], indirect=True
+        "hotswap_pipeline", params, ids=[f"{label_of(n)}-{i}" for n, i in params], indirect=True
     )
 
 
@@ -139,92 +143,118 @@ class LoraFactory:
         return self._files[key]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+    """What a cached pipeline is: its name, implementation, build options and preparation."""
+
+    name: str
+    implementation: str
+    options: HotswapOptions
+    first_targets: str | tuple[str, ...] = "all"
+    first_lora: str | None = None
+    targets: tuple[str, ...] | None = None
+    text_encoder: bool = False
+    slots: int = 1
+
+    def key(self) -> tuple[Any, ...]:
+        built_with = tuple(getattr(self.options, field) for field in BUILD_OPTIONS)
+        return (
+            self.name,
+            self.implementation,
+            self.first_targets,
+            self.first_lora,
+            self.targets,
+            self.text_encoder,
+            self.slots,
+            built_with,
+        )
+
+
 class PipelineCache:
-    """Built pipelines of the session, one per (name, implementation, build options)."""
+    """Built pipelines of the session, one per :class:`Configuration`."""
 
-    config: pytest.Config
-    loras: LoraFactory
-    _built: dict[tuple[Any, ...], HotswapPipeline | BaseException] = dataclasses.field(
-        default_factory=dict
-    )
+    def __init__(self, session: HotswapSession, loras: LoraFactory) -> None:
+        self.session = session
+        self.loras = loras
+        self._built: dict[tuple[Any, ...], HotswapPipeline | BaseException] = {}
 
-    def get(
-        self,
-        name: str,
-        implementation: str,
-        options: HotswapOptions,
-        first_targets: str | Sequence[str] = "all",
-    ) -> HotswapPipeline:
+    def get(self, configuration: Configuration) -> HotswapPipeline:
         """The configuration's pipeline on its first adapter at full strength, built if need be."""
-        targets = first_targets if isinstance(first_targets, str) else tuple(first_targets)
-        key = (name, implementation, targets, *(getattr(options, f) for f in BUILD_OPTIONS))
+        key = configuration.key()
         cached = self._built.get(key)
         if isinstance(cached, BaseException):  # a broken configuration fails each test, built once
             raise cached
-        if cached is not None and _restored(cached):
+        if cached is not None and _reusable(cached):
             return cached
         try:
-            self._built[key] = self._build(name, implementation, options, first_targets)
+            self._built[key] = self.build(configuration)
         except Exception as error:
             self._built[key] = error
             raise
-        return self._built[key]
+        return self._built[key]  # type: ignore[return-value]
 
     def discard(self, pipeline: HotswapPipeline) -> None:
         """Forget ``pipeline``: the next request for its configuration builds a fresh one."""
         self._built = {k: v for k, v in self._built.items() if v is not pipeline}
 
-    def _build(
-        self,
-        name: str,
-        implementation: str,
-        options: HotswapOptions,
-        first_targets: str | Sequence[str],
-    ) -> HotswapPipeline:
-        from pytest_hotswap import pipelines
+    def build(self, configuration: Configuration) -> HotswapPipeline:
+        from pytest_hotswap.implementations import Preparation
+        from pytest_hotswap.pipelines import build_hotswap_pipeline
 
-        pipelines.check_implementation(implementation)
-        spec = self.config.hook.pytest_hotswap_build_pipeline(name=name, options=options)
-        if spec is None:
-            raise pytest.UsageError(
-                f"--hotswap-pipelines: no pipeline named {name!r}; the built-in pipelines are "
-                f"{', '.join(pipelines.BUILTIN_SPECS)}, and a conftest can add others by "
-                "implementing pytest_hotswap_build_pipeline(name, options) -> PipelineSpec"
+        try:
+            implementation = self.session.implementations[configuration.implementation]
+        except KeyError as error:
+            raise pytest.UsageError(f"--hotswap-implementations: {error.args[0]}") from None
+        options = configuration.options
+        # Refused before anything is built: UnsupportedFeatureError names what is missing.
+        implementation.check(
+            Preparation(
+                options.max_rank,
+                configuration.targets,
+                configuration.text_encoder,
+                configuration.slots,
             )
-        if not isinstance(spec, pipelines.PipelineSpec):
-            raise TypeError(
-                f"pytest_hotswap_build_pipeline returned {type(spec).__name__} for {name!r}; "
-                "return a pytest_hotswap.pipelines.PipelineSpec (or None for names it does not build)"
+        )
+        spec = self.session.build_spec(configuration.name, options)
+        first: Any = configuration.first_lora
+        if first is None:
+            rank = min(FIRST_ADAPTER_RANK, options.max_rank)
+            first = self.loras(
+                spec.lora_target,
+                rank=rank,
+                targets=configuration.first_targets,
+                text_encoder=configuration.text_encoder,
             )
-        rank = min(FIRST_ADAPTER_RANK, options.max_rank)
-        first = self.loras(spec.lora_target, rank=rank, targets=first_targets)
-        return pipelines.build_hotswap_pipeline(spec, implementation, first, options)
+        return build_hotswap_pipeline(
+            spec,
+            implementation,
+            first,
+            options,
+            targets=configuration.targets,
+            text_encoder=configuration.text_encoder,
+            slots=configuration.slots,
+        )
 
 
-def _restored(pipeline: HotswapPipeline) -> bool:
+def _reusable(pipeline: HotswapPipeline) -> bool:
     """Put a cached pipeline back as built; ``False`` when that is not possible, so it is rebuilt.
 
     A test may have re-shaped its LoRA tensors (a rank above max_rank through PEFT: no longer
-    padded to max_rank) or left it half-swapped in a way the first adapter cannot undo.
+    padded to max_rank), made it recompile (an entry a later test could hit, where a fresh
+    process would recompile), or left it half-swapped in a way the first adapter cannot undo.
+    After ``torch.compiler.reset()`` (``no_recompile(fresh=True)``) it is warmed up again.
     """
     if pipeline.layout_changed():
+        return False
+    if not pipeline.compiled_entries():
+        pipeline.warm_up()
+    if not pipeline.entries_as_built():
         return False
     try:
         pipeline.restore_first_adapter()
     except Exception:  # the test that broke it has failed already; the next one gets a new build
         return False
-    return not pipeline.layout_changed()
-
-
-_CACHE_KEY = pytest.StashKey[PipelineCache]()
-
-
-def _cache(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> PipelineCache:
-    if _CACHE_KEY not in config.stash:
-        loras = LoraFactory(tmp_path_factory.mktemp("hotswap-loras"))
-        config.stash[_CACHE_KEY] = PipelineCache(config, loras)
-    return config.stash[_CACHE_KEY]
+    return not pipeline.layout_changed() and pipeline.entries_as_built()
 
 
 # --- Fixtures --------------------------------------------------------------------------------
@@ -236,7 +266,7 @@ def lora_factory(
 ) -> LoraFactory:
     """``lora_factory(target, rank=8, alpha=None, targets="all", text_encoder=False,
     fmt="diffusers", seed=0) -> Path``: a ``.safetensors`` adapter for a pipeline or model."""
-    return _cache(pytestconfig, tmp_path_factory).loras
+    return session_of(pytestconfig).lora_factory(tmp_path_factory)
 
 
 @dataclasses.dataclass
@@ -244,10 +274,13 @@ class PipelineFactory:
     """``hotswap_pipeline_factory(name, implementation="diffusers", **overrides)``: a ready pipeline.
 
     Overrides (``max_rank``, ``backend``, ``mode``, ``device``, ``dtype``, ``quantize``) beat the
-    ``hotswap`` marker, which beats the command line; ``first_targets`` chooses the layers the
-    first adapter targets ("all", "half" or module names), e.g. to test a superset swap. The
-    pipeline comes from the session cache with its first adapter loaded, and describes itself in
-    the test's ``compile_watcher.context``.
+    ``hotswap`` marker, which beats the command line. ``first_targets`` chooses the layers the
+    first adapter targets ("all", "half" or module names), e.g. to test a superset swap, or
+    ``first_lora`` gives the first adapter's file; ``targets`` pads LoRA onto the union of these
+    layers or adapters' targets, ``text_encoder=True`` hotswaps the text encoders too and
+    ``slots=N`` gives N weighted adapter slots (reference implementation). The pipeline comes from
+    the session cache with its first adapter loaded, and describes itself in the test's
+    ``compile_watcher.context``.
     """
 
     cache: PipelineCache
@@ -262,13 +295,30 @@ class PipelineFactory:
         implementation: str = "diffusers",
         *,
         first_targets: str | Sequence[str] = "all",
+        first_lora: str | Path | None = None,
+        targets: Sequence[str | Path] | None = None,
+        text_encoder: bool = False,
+        slots: int = 1,
         **overrides: Any,
     ) -> HotswapPipeline:
         options = _apply(self.options, overrides, self.where)
-        pipeline = self.cache.get(name, implementation, options, first_targets)
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise pytest.UsageError(f"{self.where}: slots must be an integer >= 1, got {slots!r}")
+        configuration = Configuration(
+            name=name,
+            implementation=implementation,
+            options=options,
+            first_targets=first_targets if isinstance(first_targets, str) else tuple(first_targets),
+            first_lora=None if first_lora is None else str(first_lora),
+            targets=None if targets is None else tuple(str(t) for t in targets),
+            text_encoder=text_encoder,
+            slots=slots,
+        )
+        pipeline = self.cache.get(configuration)
+        pipeline.adopt_into(self.watcher)
         self.handed_out.append(pipeline)
         self.watcher.context.update(
-            pipeline=name,
+            pipeline=pipeline.name,
             implementation=implementation,
             backend=options.backend,
             device=options.device,
@@ -304,9 +354,8 @@ def hotswap_pipeline_factory(
     where = request.node.nodeid
     marked = {k: v for k, v in marker_overrides(request.node).items() if k != "pipeline"}
     options = _apply(hotswap_options, marked, where)
-    factory = PipelineFactory(
-        _cache(request.config, tmp_path_factory), options, compile_watcher, where
-    )
+    cache = session_of(request.config).pipeline_cache(tmp_path_factory)
+    factory = PipelineFactory(cache, options, compile_watcher, where)
     yield factory
     factory.discard_after_storm()
 
@@ -326,13 +375,24 @@ def hotswap_pipeline(
     return hotswap_pipeline_factory(name, implementation)
 
 
-# --- Default hook implementation -------------------------------------------------------------
+# --- Default hook implementations ------------------------------------------------------------
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_hotswap_build_pipeline(name: str, options: HotswapOptions) -> PipelineSpec | None:
-    """The tiny built-in pipelines ("sd", "flux"); ``None`` for any other name."""
-    from pytest_hotswap.pipelines import BUILTIN_SPECS
+    """The registered pipelines ("sd", "flux"), saved pipeline folders and cached hub ids."""
+    from pytest_hotswap.pipelines import build_spec
 
-    builder = BUILTIN_SPECS.get(name)
-    return None if builder is None else builder(options)
+    return build_spec(name, options)
+
+
+@pytest.fixture(scope="session")
+def hotswap_catalog(pytestconfig: pytest.Config) -> Any:
+    """The ``--hotswap-adapters`` catalog: ``.entries`` (path, format, ranks per layer and max,
+    alpha, targets, text-encoder keys), ``.plan(max_rank)`` (each file's verdict under the current
+    options, the union of targets, the padding cost). Skips the test when no catalog is given."""
+    session = session_of(pytestconfig)
+    catalog = session.catalog
+    if catalog is None:
+        pytest.skip("no adapter catalog: pass --hotswap-adapters=DIR|GLOB (ini hotswap_adapters)")
+    return catalog

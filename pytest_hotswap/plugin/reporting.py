@@ -1,6 +1,6 @@
 """Terminal summary, JSON report, baseline check and xdist transport (pytest glue).
 
-The data and its formatting live in ``pytest_hotswap.report``; this module only decides when to
+The data and its lines live in ``pytest_hotswap.report``; this module only decides when to
 collect, write, compare and print. Under pytest-xdist each worker sends its records to the
 controller as plain dicts in ``config.workeroutput``; the controller merges them in
 ``pytest_testnodedown``, so the summary, the JSON and the baseline check match a serial run.
@@ -17,20 +17,23 @@ from pytest_hotswap.report import (
     Report,
     ReportError,
     TestRecord,
+    check_writable,
     compare,
-    format_summary,
     parse_fail_on,
     write_json,
 )
 
 WORKEROUTPUT_KEY = "pytest_hotswap_records"
+#: The record fields each watched test adds to its JUnit XML properties.
+JUNIT_PROPERTIES = ("compiles", "recompiles", "cache_switches", "layout_changes", "graph_breaks")
 
 
 class HotswapReporter:
     """Registered by the core plugin in ``pytest_configure`` as ``hotswap-reporter``.
 
-    Built at configure time, so a bad ``--hotswap-fail-on`` or an unreadable
-    ``--hotswap-baseline`` is a usage error before any test runs.
+    Built at configure time, so a bad ``--hotswap-fail-on``, an unreadable or malformed
+    ``--hotswap-baseline`` and a ``--hotswap-report`` that cannot be written are usage errors
+    before any test runs.
     """
 
     def __init__(self, config: pytest.Config, options: HotswapOptions) -> None:
@@ -57,6 +60,11 @@ class HotswapReporter:
                 raise pytest.UsageError(
                     f"--hotswap-baseline: {error}. Write one with --hotswap-report=PATH"
                 ) from None
+        if options.report is not None and not self.is_worker:
+            try:
+                check_writable(options.report)
+            except ReportError as error:
+                raise pytest.UsageError(f"--hotswap-report: {error}") from None
         if config.pluginmanager.hasplugin("xdist"):
             config.pluginmanager.register(XdistRecords(self), "hotswap-xdist")
 
@@ -65,21 +73,15 @@ class HotswapReporter:
         return hasattr(self.config, "workerinput")
 
     def add_record(self, record: TestRecord, item: pytest.Item | None = None) -> None:
-        """Called by the core plugin once per watched test, after its teardown.
+        """Called once per watched test, after its teardown.
 
         The JUnit XML properties go on ``item.user_properties`` here, before the teardown report
         is made, so they travel with it (also from xdist workers).
         """
         self.records.append(record)
         if item is not None:
-            item.user_properties.extend(
-                [
-                    ("compiles", record.compiles),
-                    ("recompiles", record.recompiles),
-                    ("graph_breaks", record.graph_breaks),
-                    ("compile_s", round(record.compile_s, 3)),
-                ]
-            )
+            item.user_properties.extend((name, getattr(record, name)) for name in JUNIT_PROPERTIES)
+            item.user_properties.append(("compile_s", round(record.compile_s, 3)))
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -104,14 +106,14 @@ class HotswapReporter:
             return
         if self.report.tests or self.comparison is not None:
             terminalreporter.write_sep("=", "hotswap summary")
-            for line in format_summary(self.report):
+            for line in self.report.summary_lines():
                 terminalreporter.write_line(line)
         if self.comparison is not None:
             failed = self.comparison.failed
             terminalreporter.write_sep(
                 "-", f"hotswap baseline {self.options.baseline}", red=failed, green=not failed
             )
-            for line in self.comparison.format():
+            for line in self.comparison.lines():
                 terminalreporter.write_line(line)
         if self.options.report is not None:
             terminalreporter.write_line(f"hotswap report written to {self.options.report}")

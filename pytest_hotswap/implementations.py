@@ -1,0 +1,353 @@
+"""Ways of hotswapping a LoRA, one object each: how it prepares, swaps, sets strength, and what
+it is known to get wrong.
+
+* ``diffusers``: diffusers + PEFT as installed: ``enable_lora_hotswap`` before the first load,
+  ``load_lora_weights(..., hotswap=True)`` per swap, strength through the pipeline's
+  ``*_attention_kwargs={"scale": s}`` call argument (a model without a diffusers loader goes
+  through PEFT, which is what diffusers calls inside);
+* ``peft``: PEFT's own functions on the loaded model: ``prepare_model_for_compiled_hotswap`` after
+  the first load, ``hotswap_adapter_from_state_dict`` per swap;
+* ``reference``: pytest-hotswap's strict, atomic reference (``pytest_hotswap.reference``).
+
+Pipelines, fixtures, the conformance suite and the bench ask these objects instead of comparing
+names; a downstream project adds its own through the ``pytest_hotswap_implementations`` hook.
+Nothing here imports torch, diffusers or PEFT at module level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pytest_hotswap.stacks import KnownDefect
+
+if TYPE_CHECKING:
+    from pytest_hotswap.pipelines import HotswapPipeline, LoraSource, PipelineSpec
+
+ADAPTER_NAME = "default"
+
+#: Features beyond the pattern; an implementation lists those it supports in ``features``.
+FEATURE_TARGETS = "union of targets"
+FEATURE_TEXT_ENCODER = "text-encoder hotswap"
+FEATURE_SLOTS = "adapter slots"
+
+
+class UnsupportedFeatureError(ValueError):
+    """The implementation cannot do what was asked (text-encoder hotswap, slots, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preparation:
+    """What the first adapter is prepared for: max rank, and the features beyond the pattern."""
+
+    max_rank: int
+    targets: tuple[str, ...] | None = None  # module names (or adapter paths) to pad LoRA onto
+    text_encoder: bool = False
+    slots: int = 1
+
+    def features(self) -> set[str]:
+        wanted = set()
+        if self.targets is not None:
+            wanted.add(FEATURE_TARGETS)
+        if self.text_encoder:
+            wanted.add(FEATURE_TEXT_ENCODER)
+        if self.slots > 1:
+            wanted.add(FEATURE_SLOTS)
+        return wanted
+
+
+class Implementation:
+    """One way of hotswapping. Subclasses override the steps they do differently.
+
+    The recipe calls, in order: :meth:`before_load`, :meth:`load_first` (a plain load),
+    :meth:`after_load`; then quantizes, compiles and warms up. A test's pipeline then calls
+    :meth:`swap` and :meth:`strength`.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    features: ClassVar[frozenset[str]] = frozenset()
+    #: Upstream defects this implementation is known to show, per conformance scenario.
+    known_defects: ClassVar[tuple[KnownDefect, ...]] = ()
+    #: Its strength is state on the model that outlives swaps (and can be set on the model
+    #: directly), so a pipeline handed to the next test is put back to full strength always.
+    keeps_strength: ClassVar[bool] = False
+
+    def check(self, preparation: Preparation) -> None:
+        """Refuse, before anything is built, what this implementation cannot prepare."""
+        missing = sorted(preparation.features() - self.features)
+        if missing:
+            raise UnsupportedFeatureError(
+                f"the {self.name!r} implementation does not support {', '.join(missing)}; "
+                f"use implementation 'reference' for it"
+            )
+
+    def before_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
+        """Anything that must happen before the first adapter is loaded."""
+
+    def load_first(self, spec: PipelineSpec, lora: LoraSource) -> None:
+        """A plain (non-hotswap) load of ``lora`` as adapter ``"default"``."""
+        from pytest_hotswap.pipelines.recipe import load_first_adapter
+
+        load_first_adapter(spec, lora)
+
+    def after_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
+        """Pad to the max rank and turn scalings into tensors, if done after loading."""
+
+    def swap(self, spec: PipelineSpec, lora: LoraSource, *, slot: int = 0) -> None:
+        raise NotImplementedError
+
+    def strength(
+        self, pipeline: HotswapPipeline, scale: float, *, slot: int | None = None
+    ) -> dict[str, Any]:
+        """Set the LoRA strength; returns the call keywords the pipeline must now be run with."""
+        raise NotImplementedError
+
+    def rejection(self, reference_error: str) -> tuple[type[Exception], ...]:
+        """The exceptions by which it refuses what the reference refuses with ``reference_error``.
+
+        diffusers and PEFT raise ``ValueError`` (or ``RuntimeError`` for PEFT's unexpected
+        keys); a harness error (a missing file, a ``TypeError``) is never a rejection.
+        """
+        return (ValueError, RuntimeError)
+
+    def defect(self, scenario: str) -> KnownDefect | None:
+        return next((d for d in self.known_defects if d.scenario == scenario), None)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+def _loadable(lora: LoraSource) -> Any:
+    from pytest_hotswap.pipelines.recipe import loadable
+
+    return loadable(lora)
+
+
+class DiffusersImplementation(Implementation):
+    name = "diffusers"
+    description = "diffusers + PEFT as installed (load_lora_weights(hotswap=True))"
+    known_defects = (
+        KnownDefect(
+            "rank_over_max",
+            "diffusers/PEFT do not refuse an adapter above enable_lora_hotswap(target_rank): the "
+            "LoRA parameter silently grows and the next call recompiles",
+            KnownDefect.NOT_REJECTED,
+            verified={"diffusers": "==0.42.1", "peft": "==0.21.2"},
+        ),
+        KnownDefect(
+            "superset_targets",
+            "PEFT refuses keys the first adapter lacks, then diffusers' load_lora_adapter deletes "
+            "the loaded adapter: the next call recompiles and runs without any LoRA",
+            KnownDefect.MODEL_CHANGED,
+            verified={"diffusers": "==0.42.1", "peft": "==0.21.2"},
+        ),
+        KnownDefect(
+            "text_encoder_keys",
+            "load_lora_weights(hotswap=True) swaps the denoiser first and fails on the "
+            "text-encoder keys only afterwards: the model is left half-swapped",
+            KnownDefect.MODEL_CHANGED,
+            verified={"diffusers": "==0.42.1", "peft": "==0.21.2"},
+        ),
+        KnownDefect(
+            "other_tuner",
+            "PEFT refuses a DoRA adapter in a hotswap, then diffusers' load_lora_adapter deletes "
+            "the loaded adapter: the next call recompiles and runs without any LoRA",
+            KnownDefect.MODEL_CHANGED,
+            verified={"diffusers": "==0.42.1", "peft": "==0.21.2"},
+        ),
+        KnownDefect(
+            "strength_change",
+            "diffusers changes LoRA strength through a Python float (the `scale` call argument): "
+            "every new value recompiles",
+            KnownDefect.RECOMPILES,
+            verified={"diffusers": "==0.42.1", "peft": "==0.21.2"},
+        ),
+    )
+
+    def before_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
+        """diffusers pads the first adapter while loading it: it needs the max rank before."""
+        if spec.has_lora_loader:
+            spec.pipe.enable_lora_hotswap(target_rank=preparation.max_rank)
+
+    def after_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
+        if not spec.has_lora_loader:  # a bare model: what diffusers does inside, through PEFT
+            PeftImplementation().after_load(spec, preparation)
+
+    def swap(self, spec: PipelineSpec, lora: LoraSource, *, slot: int = 0) -> None:
+        if not spec.has_lora_loader:
+            PeftImplementation().swap(spec, lora, slot=slot)
+            return
+        from pytest_hotswap.pipelines.recipe import quiet_diffusers
+
+        with quiet_diffusers():
+            spec.pipe.load_lora_weights(_loadable(lora), hotswap=True, adapter_name=ADAPTER_NAME)
+
+    def strength(
+        self, pipeline: HotswapPipeline, scale: float, *, slot: int | None = None
+    ) -> dict[str, Any]:
+        keyword = pipeline.spec.strength_keyword
+        if keyword is None:
+            raise UnsupportedFeatureError(
+                f"{pipeline.name}: no call keyword to pass a LoRA scale with (the pipeline's "
+                "__call__ takes no *_attention_kwargs); set PipelineSpec.strength_keyword"
+            )
+        return {} if scale == 1.0 else {keyword: {"scale": scale}}
+
+
+class PeftImplementation(Implementation):
+    name = "peft"
+    description = (
+        "PEFT directly (prepare_model_for_compiled_hotswap, hotswap_adapter_from_state_dict)"
+    )
+    known_defects = (
+        KnownDefect(
+            "rank_over_max",
+            "PEFT's hotswap_adapter_from_state_dict does not refuse a rank above the prepared "
+            "target_rank: the LoRA parameter grows and the next call recompiles",
+            KnownDefect.NOT_REJECTED,
+            verified={"peft": "==0.21.2"},
+        ),
+        KnownDefect(
+            "strength_change",
+            "PEFT sets strength with LoraLayer.set_scale, which writes a Python float over the "
+            "scaling tensor: every new value recompiles",
+            KnownDefect.RECOMPILES,
+            verified={"peft": "==0.21.2"},
+        ),
+    )
+
+    def after_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
+        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+        prepare_model_for_compiled_hotswap(
+            spec.denoiser, target_rank=preparation.max_rank, config=spec.denoiser.peft_config
+        )
+
+    def swap(self, spec: PipelineSpec, lora: LoraSource, *, slot: int = 0) -> None:
+        from peft.utils.hotswap import (
+            check_hotswap_configs_compatible,
+            hotswap_adapter_from_state_dict,
+        )
+        from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
+
+        from pytest_hotswap.pipelines.recipe import read_peft_adapter
+
+        state_dict, config = read_peft_adapter(lora, spec)
+        model = spec.denoiser
+        check_hotswap_configs_compatible(model.peft_config[ADAPTER_NAME], config)
+        state_dict = _insert_adapter_name_into_state_dict(
+            state_dict, adapter_name=ADAPTER_NAME, parameter_prefix="lora_"
+        )
+        hotswap_adapter_from_state_dict(model, state_dict, ADAPTER_NAME, config)
+
+    def strength(
+        self, pipeline: HotswapPipeline, scale: float, *, slot: int | None = None
+    ) -> dict[str, Any]:
+        from peft.tuners.lora import LoraLayer
+
+        for module in pipeline.spec.denoiser.modules():
+            if isinstance(module, LoraLayer):
+                module.set_scale(ADAPTER_NAME, scale)
+        return {}
+
+
+class ReferenceImplementation(Implementation):
+    name = "reference"
+    description = "pytest-hotswap's strict, atomic reference (pytest_hotswap.reference)"
+    features = frozenset({FEATURE_TARGETS, FEATURE_TEXT_ENCODER, FEATURE_SLOTS})
+    keeps_strength = True
+
+    def after_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
+        from pytest_hotswap.reference import prepare_for_hotswap
+
+        extra: dict[str, Any] = {}
+        if preparation.targets is not None:
+            extra["targets"] = preparation.targets
+        if preparation.text_encoder:
+            extra["text_encoder"] = True
+        if preparation.slots > 1:
+            extra["slots"] = preparation.slots
+        prepare_for_hotswap(
+            spec.lora_target, preparation.max_rank, adapter_name=ADAPTER_NAME, **extra
+        )
+
+    def swap(self, spec: PipelineSpec, lora: LoraSource, *, slot: int = 0) -> None:
+        from pytest_hotswap.reference import hotswap
+
+        if slot:
+            hotswap(spec.lora_target, _loadable(lora), ADAPTER_NAME, slot=slot)
+        else:
+            hotswap(spec.lora_target, _loadable(lora), ADAPTER_NAME)
+
+    def strength(
+        self, pipeline: HotswapPipeline, scale: float, *, slot: int | None = None
+    ) -> dict[str, Any]:
+        from pytest_hotswap.reference import set_lora_scale
+
+        if slot is None:
+            set_lora_scale(pipeline.spec.lora_target, scale, ADAPTER_NAME)
+        else:
+            set_lora_scale(pipeline.spec.lora_target, scale, ADAPTER_NAME, slot=slot)
+        return {}
+
+    def rejection(self, reference_error: str) -> tuple[type[Exception], ...]:
+        from pytest_hotswap import reference
+
+        return (getattr(reference, reference_error),)
+
+
+BUILTIN: tuple[type[Implementation], ...] = (
+    DiffusersImplementation,
+    PeftImplementation,
+    ReferenceImplementation,
+)
+
+
+class ImplementationRegistry(Mapping[str, Implementation]):
+    """The implementations of a session by name: the built-in ones, then those hooks add."""
+
+    def __init__(self, extra: Iterable[Implementation] = ()) -> None:
+        self._by_name: dict[str, Implementation] = {cls.name: cls() for cls in BUILTIN}
+        for implementation in extra:
+            self.add(implementation)
+
+    def add(self, implementation: Implementation) -> None:
+        if not isinstance(implementation, Implementation) or not implementation.name:
+            raise TypeError(
+                f"expected an instance of pytest_hotswap.implementations.Implementation with a "
+                f"name, got {implementation!r}"
+            )
+        self._by_name[implementation.name] = implementation
+
+    def __getitem__(self, name: str) -> Implementation:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(
+                f"no hotswap implementation named {name!r}; known: {', '.join(self._by_name)}"
+            ) from None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def choose(self, names: Sequence[str]) -> list[Implementation]:
+        """The implementations named by ``--hotswap-implementations``; unknown names refused."""
+        unknown = [name for name in names if name not in self._by_name]
+        if unknown:
+            raise ValueError(
+                f"unknown {', '.join(unknown)}; expected names from {', '.join(self._by_name)}"
+            )
+        return [self._by_name[name] for name in names]
+
+
+def get(name: str) -> Implementation:
+    """A built-in implementation by name (outside a pytest session, e.g. in the bench)."""
+    try:
+        return ImplementationRegistry()[name]
+    except KeyError as error:
+        raise ValueError(error.args[0]) from None

@@ -1,0 +1,192 @@
+"""Pipelines by name: the registry of built-in tiny pipelines, saved folders and cached hub ids.
+
+A name in ``--hotswap-pipelines`` is, in this order: one a ``pytest_hotswap_build_pipeline`` hook
+builds, a registered name (``sd``, ``flux``), a folder holding a saved diffusers pipeline, or a
+hub id found in the local Hugging Face cache (offline). Each entry knows the call keyword its
+pipeline reads a LoRA strength from (``cross_attention_kwargs`` for Stable Diffusion,
+``joint_attention_kwargs`` for Flux ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pytest_hotswap.pipelines import tiny
+from pytest_hotswap.pipelines.saved import (
+    PipelineNotFoundError,
+    SavedPipeline,
+    find_saved_pipeline,
+)
+
+if TYPE_CHECKING:
+    from pytest_hotswap.options import HotswapOptions
+
+#: The call keywords diffusers pipelines read a LoRA ``scale`` from, by pipeline family.
+STRENGTH_KEYWORDS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
+
+
+@dataclasses.dataclass
+class PipelineSpec:
+    """A built pipeline, not yet adapted, padded or compiled: what a build hook returns.
+
+    ``denoiser`` is the module that carries the LoRA and gets compiled. ``pipe`` is the diffusers
+    pipeline around it, if any: adapters then go through ``pipe.load_lora_weights``; without one
+    they go through PEFT directly, so any ``nn.Module`` works (adapter keys in PEFT's format,
+    ``fc1.lora_A.weight``). ``run`` is the deterministic end-to-end call that returns a tensor and
+    takes keyword overrides; ``inputs`` returns the keyword arguments of one direct denoiser call.
+    ``strength_keyword`` is the call keyword diffusers reads a LoRA ``scale`` from (found from the
+    pipeline's signature when not given). The recipe compiles the denoiser in place
+    (``nn.Module.compile``), so closures over ``pipe`` or ``denoiser`` call the compiled code.
+    """
+
+    name: str
+    denoiser: torch.nn.Module
+    run: Callable[..., torch.Tensor]
+    pipe: Any = None
+    inputs: Callable[[], dict[str, Any]] | None = None
+    fullgraph: bool = True
+    strength_keyword: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.strength_keyword is None and self.pipe is not None:
+            self.strength_keyword = strength_keyword_of(self.pipe)
+
+    @property
+    def lora_target(self) -> Any:
+        """What adapters are loaded into: the pipeline when there is one, else the denoiser."""
+        return self.pipe if self.pipe is not None else self.denoiser
+
+    @property
+    def has_lora_loader(self) -> bool:
+        return self.pipe is not None and hasattr(self.pipe, "load_lora_weights")
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's text encoders by attribute name (``text_encoder``, ``text_encoder_2`` ...)."""
+        if self.pipe is None:
+            return {}
+        found = {}
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self.pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                found[name] = module
+        return found
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineEntry:
+    """A registered pipeline name: how to build it, and what it is."""
+
+    name: str
+    build: Callable[[HotswapOptions, int], PipelineSpec]
+    description: str
+
+
+def strength_keyword_of(pipe: Any) -> str | None:
+    """The ``*_attention_kwargs`` keyword of the pipeline's ``__call__``, if it takes one."""
+    try:
+        parameters = inspect.signature(type(pipe).__call__).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in STRENGTH_KEYWORDS if name in parameters), None)
+
+
+def sd_spec(options: HotswapOptions, seed: int = 0) -> PipelineSpec:
+    """The tiny Stable Diffusion pipeline; its denoiser is the UNet (Linear and Conv2d LoRA)."""
+    options = options.resolved()
+    device, dtype = options.device, options.dtype
+    pipe = tiny.build_tiny_sd_pipeline(seed, device, dtype)
+
+    def run(**overrides: Any) -> torch.Tensor:
+        return pipe(**{**tiny.sd_encoded_call_kwargs(pipe, seed), **overrides}).images
+
+    return PipelineSpec(
+        "sd",
+        pipe.unet,
+        run,
+        pipe=pipe,
+        inputs=lambda: tiny.unet_inputs(seed, device, dtype),
+        strength_keyword="cross_attention_kwargs",
+    )
+
+
+def flux_spec(options: HotswapOptions, seed: int = 0) -> PipelineSpec:
+    """The tiny Flux pipeline; its denoiser is the transformer."""
+    options = options.resolved()
+    device, dtype = options.device, options.dtype
+    pipe = tiny.build_tiny_flux_pipeline(seed, device, dtype)
+
+    def run(**overrides: Any) -> torch.Tensor:
+        return pipe(**{**tiny.flux_encoded_call_kwargs(pipe, seed), **overrides}).images
+
+    return PipelineSpec(
+        "flux",
+        pipe.transformer,
+        run,
+        pipe=pipe,
+        inputs=lambda: tiny.flux_inputs(seed, device, dtype),
+        strength_keyword="joint_attention_kwargs",
+    )
+
+
+REGISTRY: dict[str, PipelineEntry] = {
+    "sd": PipelineEntry("sd", sd_spec, "tiny Stable Diffusion: UNet (Linear + Conv2d), CLIP"),
+    "flux": PipelineEntry("flux", flux_spec, "tiny Flux: transformer, CLIP + T5"),
+}
+
+
+def register(entry: PipelineEntry) -> None:
+    """Add a pipeline name (a downstream conftest may call it at import)."""
+    REGISTRY[entry.name] = entry
+
+
+# --- pipelines saved on disk ------------------------------------------------------------------
+
+
+def saved_spec(saved: SavedPipeline, options: HotswapOptions) -> PipelineSpec:
+    """Load the saved pipeline offline on the options' device and dtype.
+
+    Its ``run`` is a short deterministic call: 2 steps at the smallest size the denoiser takes,
+    prompts as seeded token ids through its own tokenizer-free text encoders when it has them.
+    """
+    from diffusers import DiffusionPipeline
+
+    options = options.resolved()
+    pipe = DiffusionPipeline.from_pretrained(
+        str(saved.folder), local_files_only=True, torch_dtype=getattr(torch, options.dtype)
+    )
+    pipe = pipe.to(options.device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    denoiser = getattr(pipe, saved.denoiser)
+    encoded = _encoded_call(pipe)
+
+    def run(**overrides: Any) -> torch.Tensor:
+        return pipe(**{**encoded(), **overrides}).images
+
+    return PipelineSpec(saved.label, denoiser, run, pipe=pipe)
+
+
+def _encoded_call(pipe: Any) -> Callable[[], dict[str, Any]]:
+    """Deterministic call keywords for a saved pipeline of a family the tiny ones cover."""
+    if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "text_encoder_2"):
+        return lambda: tiny.flux_encoded_call_kwargs(pipe)
+    if getattr(pipe, "unet", None) is not None and hasattr(pipe, "text_encoder"):
+        return lambda: tiny.sd_encoded_call_kwargs(pipe)
+    raise PipelineNotFoundError(
+        f"{type(pipe).__name__}: pytest-hotswap knows how to call Stable Diffusion and Flux "
+        "pipelines; for another family return a PipelineSpec with its own run() from a "
+        "pytest_hotswap_build_pipeline hook"
+    )
+
+
+def build_spec(name: str, options: HotswapOptions, seed: int = 0) -> PipelineSpec:
+    """Build ``name``: a registered pipeline, else a saved folder or a cached hub id."""
+    entry = REGISTRY.get(name)
+    if entry is not None:
+        return entry.build(options, seed)
+    return saved_spec(find_saved_pipeline(name), options)

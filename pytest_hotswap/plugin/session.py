@@ -1,0 +1,386 @@
+"""``HotswapSession``: everything the plugin keeps for one pytest session, in one object.
+
+The hooks in ``pytest_hotswap.plugin`` are a line or two that delegate here (pytest-benchmark's
+``BenchmarkSession`` and syrupy's ``SnapshotSession`` are the models). It holds the options, the
+implementations, the per-test watching, the pipeline cache and the report. Nothing heavy is
+imported until a test needs it: a session with no hotswap fixture, marker or option never imports
+torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_hotswap import options as opts
+from pytest_hotswap.plugin.reporting import HotswapReporter
+
+if TYPE_CHECKING:
+    from pytest_hotswap.catalog import Catalog
+    from pytest_hotswap.implementations import ImplementationRegistry
+    from pytest_hotswap.pipelines import PipelineSpec
+    from pytest_hotswap.plugin.fixtures import LoraFactory, PipelineCache
+    from pytest_hotswap.watch import CompileWatcher
+
+#: Fixtures whose use makes a test watched (besides every ``hotswap_*`` fixture).
+WATCHING_FIXTURES = ("compile_watcher",)
+WATCHING_PREFIX = "hotswap_"
+NO_RECOMPILE_KWARGS = ("max_recompiles", "fresh")
+
+
+@dataclasses.dataclass
+class WatchedTest:
+    """Per-test state, kept in ``item.stash`` under one key."""
+
+    allowance: int | None  # the no_recompile allowance; None: watched, not judged
+    fresh: bool = False
+    watcher: CompileWatcher | None = None
+    hooked: int = 0  # failing events already passed to pytest_hotswap_recompile
+    failed_by_marker: bool = False
+    outcome: str = "passed"
+
+
+ITEM_KEY = pytest.StashKey[WatchedTest]()
+
+
+class HotswapSession:
+    """The plugin's state for one pytest run; registered as the plugin ``hotswap-session``."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.options, self.max_rank_source = read_options(config)
+        _check_pipelines(self.options.pipelines)
+        self._catalog: Catalog | None = _read_catalog(self.options.adapters)
+        self.reporter = HotswapReporter(config, self.options)
+        self.uses_hotswap = bool(self.options.strict)
+        self._resolved: opts.HotswapOptions | None = None
+        self._implementations: ImplementationRegistry | None = None
+        self._cache: PipelineCache | None = None
+        self._loras: LoraFactory | None = None
+        self._undo_isolation: Any = None
+
+    # -- options ----------------------------------------------------------------------------------
+
+    @property
+    def resolved_options(self) -> opts.HotswapOptions:
+        """The options with ``auto`` device and dtype resolved (imports torch, once, when needed)."""
+        if self._resolved is None:
+            self._resolved = self.options.resolved()
+        return self._resolved
+
+    @property
+    def implementations(self) -> ImplementationRegistry:
+        if self._implementations is None:
+            from pytest_hotswap.implementations import ImplementationRegistry
+
+            extra = [
+                i
+                for found in self.config.hook.pytest_hotswap_implementations(config=self.config)
+                for i in found
+            ]
+            self._implementations = ImplementationRegistry(extra)
+        return self._implementations
+
+    @property
+    def catalog(self) -> Catalog | None:
+        """The ``--hotswap-adapters`` catalog (headers only), read when the session starts."""
+        return self._catalog
+
+    def header(self) -> list[str]:
+        from pytest_hotswap.stacks import describe_stack
+
+        o = self.options
+        rank = f"{o.max_rank}" + (
+            f" (auto: {self.max_rank_source})" if self.max_rank_source else ""
+        )
+        settings = (
+            f"max_rank={rank} backend={o.backend} mode={o.mode} device={o.device} dtype={o.dtype} "
+            f"quantize={o.quantize} pipelines={','.join(o.pipelines)} "
+            f"implementations={','.join(o.implementations)}"
+        )
+        flags = "".join(f" {flag}" for flag in ("strict", "fresh") if getattr(o, flag))
+        lines = [f"hotswap: {describe_stack()} | {settings}{flags}"]
+        if o.adapters is not None:
+            lines.append(f"hotswap catalog: {o.adapters}")
+        return lines
+
+    # -- which tests are watched, and how ------------------------------------------------------------
+
+    def check_implementations(self) -> None:
+        """Refuse unknown ``--hotswap-implementations`` names (hooks may add some)."""
+        try:
+            self.implementations.choose(self.options.implementations)
+        except ValueError as error:
+            given = ",".join(self.options.implementations)
+            raise pytest.UsageError(f"--hotswap-implementations={given}: {error}") from None
+
+    def collect(self, items: list[pytest.Item]) -> None:
+        """Read every item's ``no_recompile`` marker; decide whether this session uses hotswap."""
+        for item in items:
+            allowance, fresh = no_recompile_marker(item, self.options.strict, self.options.fresh)
+            if allowance is not None or _uses_fixtures(item):
+                item.stash[ITEM_KEY] = WatchedTest(allowance, fresh)
+                self.uses_hotswap = True
+
+    def isolate(self) -> None:
+        """Give every ``torch.compile`` call its own cache entries, once torch is in use.
+
+        Only a session that watches tests does it, and only when torch is imported: a plain
+        suite is left exactly as it is.
+        """
+        if self.uses_hotswap and self._undo_isolation is None and "torch" in sys.modules:
+            from pytest_hotswap.watch.isolation import isolate_compiles
+
+            self._undo_isolation = isolate_compiles()
+
+    def start_test(self, item: pytest.Item) -> None:
+        state = item.stash.get(ITEM_KEY, None)
+        if state is None:
+            self.isolate()  # an unwatched test that compiles must not share entries either
+            return
+        from pytest_hotswap.watch import CompileWatcher
+
+        self.isolate()
+        if state.fresh:
+            self.reset_dynamo()
+        state.watcher = CompileWatcher().__enter__()
+
+    def reset_dynamo(self) -> None:
+        """``torch.compiler.reset()``: everything compiles again, as in a fresh process.
+
+        Cached pipelines warm up again (their compiles then count as this test's setup).
+        """
+        import torch
+
+        torch.compiler.reset()
+
+    def is_storm_failure(self, item: pytest.Item, error: BaseException) -> bool:
+        """Whether ``error`` is the storm a marked test's watcher recorded.
+
+        Under fullgraph, a frame past dynamo's recompile_limit raises instead of falling back to
+        eager: the watcher recorded that storm, so the test fails the same clean way as without.
+        """
+        state = item.stash[ITEM_KEY]
+        return (
+            state.allowance is not None
+            and state.watcher is not None
+            and state.watcher.had_storm
+            and _is_recompile_limit_error(error)
+        )
+
+    def verdict(self, item: pytest.Item) -> str | None:
+        """After the call: the failure message of ``no_recompile``, or ``None``."""
+        state = item.stash[ITEM_KEY]
+        if state.allowance is None or state.watcher is None:
+            return None
+        from pytest_hotswap.watch import RecompileError
+
+        try:
+            state.watcher.assert_no_recompile(state.allowance)
+        except RecompileError as failure:
+            state.failed_by_marker = True
+            return f"no_recompile: {failure}"
+        return None
+
+    def note_report(self, item: pytest.Item, report: pytest.TestReport) -> None:
+        state = item.stash.get(ITEM_KEY, None)
+        if state is None or state.watcher is None or report.when == "teardown":
+            return
+        if hasattr(report, "wasxfail"):  # an expected failure: a baseline check leaves it out
+            state.outcome = "xfailed" if report.skipped else "xpassed"
+        elif report.failed:
+            state.outcome = "error" if report.when == "setup" else "failed"
+        elif report.skipped and state.outcome == "passed":
+            state.outcome = "skipped"
+        if report.failed and state.watcher.recompiles and not state.failed_by_marker:
+            report.sections.append((f"hotswap recompiles ({report.when})", state.watcher.report()))
+
+    def end_test(self, item: pytest.Item) -> None:
+        """Before teardown: close the watcher, call the hooks, and record the test."""
+        state = item.stash.get(ITEM_KEY, None)
+        if state is None or state.watcher is None:
+            return
+        state.watcher.__exit__(None, None, None)
+        self.call_recompile_hooks(item)  # the call phase did not run when setup failed
+
+    def finish_test(self, item: pytest.Item) -> None:
+        """After teardown: the test's record (its JUnit properties go on the teardown report)."""
+        state = item.stash.get(ITEM_KEY, None)
+        if state is None or state.watcher is None:
+            return
+        from pytest_hotswap.report import TestRecord
+
+        self.reporter.add_record(
+            TestRecord.from_watcher(item.nodeid, state.outcome, state.watcher), item
+        )
+
+    def call_recompile_hooks(self, item: pytest.Item) -> None:
+        state = item.stash[ITEM_KEY]
+        assert state.watcher is not None
+        failing = [event for event in state.watcher.events if event.is_recompile]
+        for event in failing[state.hooked :]:
+            item.config.hook.pytest_hotswap_recompile(item=item, event=event)
+        state.hooked = len(failing)
+
+    def watcher_of(self, item: pytest.Item) -> CompileWatcher | None:
+        state = item.stash.get(ITEM_KEY, None)
+        return None if state is None else state.watcher
+
+    # -- fixtures' state ---------------------------------------------------------------------------
+
+    def pipeline_cache(self, tmp_path_factory: pytest.TempPathFactory) -> PipelineCache:
+        if self._cache is None:
+            from pytest_hotswap.plugin.fixtures import PipelineCache
+
+            self._cache = PipelineCache(self, self.lora_factory(tmp_path_factory))
+        return self._cache
+
+    def lora_factory(self, tmp_path_factory: pytest.TempPathFactory) -> LoraFactory:
+        if self._loras is None:
+            from pytest_hotswap.plugin.fixtures import LoraFactory
+
+            self._loras = LoraFactory(tmp_path_factory.mktemp("hotswap-loras"))
+        return self._loras
+
+    def build_spec(self, name: str, options: opts.HotswapOptions) -> PipelineSpec:
+        """The built, not yet adapted pipeline ``name``: from a hook, the registry or a folder."""
+        from pytest_hotswap.pipelines import PipelineNotFoundError, PipelineSpec
+
+        try:
+            spec = self.config.hook.pytest_hotswap_build_pipeline(name=name, options=options)
+        except PipelineNotFoundError as error:
+            raise pytest.UsageError(f"--hotswap-pipelines: {error}") from None
+        if not isinstance(spec, PipelineSpec):
+            raise TypeError(
+                f"pytest_hotswap_build_pipeline returned {type(spec).__name__} for {name!r}; "
+                "return a pytest_hotswap.pipelines.PipelineSpec (or None for names it does not build)"
+            )
+        return spec
+
+    def close(self) -> None:
+        if self._undo_isolation is not None:
+            self._undo_isolation()
+            self._undo_isolation = None
+
+
+# --- options -----------------------------------------------------------------------------------------
+
+
+def read_options(config: pytest.Config) -> tuple[opts.HotswapOptions, str | None]:
+    """Command line beats ini beats default; each bad value is a usage error naming its source.
+
+    ``auto`` device and dtype stay ``auto`` (resolving them imports torch); ``--hotswap-max-rank
+    =auto`` becomes the catalog's largest rank, and the second value names the file it came from.
+    """
+    values: dict[str, object] = {}
+    for option in opts.OPTIONS:
+        raw = config.getoption(option.ini)
+        source = option.cli
+        if raw is None:
+            raw = config.getini(option.ini)
+            source = f"ini option {option.ini}"
+            if option.path and raw:  # relative to the ini file, like pytest's own paths
+                raw = str(_ini_dir(config) / str(raw))
+        if raw is None or raw == "" or raw == []:
+            continue
+        if option.flag:
+            values[option.field] = bool(raw)
+            continue
+        try:
+            values[option.field] = option.parse(raw)
+        except ValueError as error:
+            raise pytest.UsageError(f"{source}={raw}: {error}") from None
+    options = opts.HotswapOptions(**values)  # type: ignore[arg-type]
+    source = None
+    if options.max_rank == opts.AUTO:
+        options, source = _auto_max_rank(options)
+    return options, source
+
+
+def _read_catalog(source: str | None) -> Catalog | None:
+    if source is None:
+        return None
+    from pytest_hotswap.catalog import CatalogError, load_catalog
+
+    try:
+        return load_catalog(source)
+    except CatalogError as error:
+        raise pytest.UsageError(f"--hotswap-adapters={error}") from None
+
+
+def _check_pipelines(names: tuple[str, ...]) -> None:
+    """A ``--hotswap-pipelines`` entry that looks like a path must be a saved pipeline.
+
+    Reads only ``model_index.json``; registered names and names hooks build are checked when a
+    pipeline is built (hooks may take any name).
+    """
+    from pytest_hotswap.pipelines.saved import (
+        PipelineNotFoundError,
+        find_saved_pipeline,
+        looks_like_path,
+    )
+
+    for name in names:
+        if not looks_like_path(name):
+            continue
+        try:
+            find_saved_pipeline(name)
+        except PipelineNotFoundError as error:
+            raise pytest.UsageError(f"--hotswap-pipelines: {error}") from None
+
+
+def _auto_max_rank(options: opts.HotswapOptions) -> tuple[opts.HotswapOptions, str]:
+    from pytest_hotswap.catalog import CatalogError, load_catalog
+
+    if options.adapters is None:
+        raise pytest.UsageError(
+            "--hotswap-max-rank=auto takes the largest rank of the adapter catalog, but no catalog "
+            "is given: add --hotswap-adapters=DIR|GLOB, or give the max rank as a number"
+        )
+    try:
+        rank, path = load_catalog(options.adapters).max_rank()
+    except CatalogError as error:
+        raise pytest.UsageError(f"--hotswap-max-rank=auto: {error}") from None
+    return dataclasses.replace(options, max_rank=rank), path
+
+
+def _ini_dir(config: pytest.Config) -> Path:
+    """The directory ini-given paths are relative to: the ini file's, else the rootdir."""
+    return config.inipath.parent if config.inipath is not None else config.rootpath
+
+
+def no_recompile_marker(
+    item: pytest.Item, strict: bool, fresh_default: bool
+) -> tuple[int | None, bool]:
+    """``(allowance, fresh)`` of ``item``: its ``no_recompile`` marker, or the strict default."""
+    marker = item.get_closest_marker("no_recompile")
+    if marker is None:
+        return (0 if strict else None), (fresh_default and strict)
+    where = f"{item.nodeid}: @pytest.mark.no_recompile"
+    unknown = sorted(set(marker.kwargs) - set(NO_RECOMPILE_KWARGS))
+    if unknown or len(marker.args) > 1 or (marker.args and "max_recompiles" in marker.kwargs):
+        got = ", ".join([*map(repr, marker.args), *(f"{k}=" for k in unknown)])
+        raise pytest.UsageError(
+            f"{where} got unexpected arguments ({got}); accepted: max_recompiles=N, fresh=True|False"
+        )
+    value = marker.args[0] if marker.args else marker.kwargs.get("max_recompiles", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise pytest.UsageError(f"{where}(max_recompiles={value!r}): expected an integer >= 0")
+    fresh = marker.kwargs.get("fresh", fresh_default)
+    if not isinstance(fresh, bool):
+        raise pytest.UsageError(f"{where}(fresh={fresh!r}): expected True or False")
+    return value, fresh
+
+
+def _uses_fixtures(item: pytest.Item) -> bool:
+    names = getattr(item, "fixturenames", ())
+    return any(name in WATCHING_FIXTURES or name.startswith(WATCHING_PREFIX) for name in names)
+
+
+def _is_recompile_limit_error(error: BaseException) -> bool:
+    exc = sys.modules.get("torch._dynamo.exc")
+    return exc is not None and isinstance(error, exc.FailOnRecompileLimitHit)

@@ -1,0 +1,124 @@
+"""The dependency stack: the versions pytest-hotswap needs, and the known upstream defects with
+the versions they were verified on.
+
+Versions are read from package metadata, so nothing here imports torch, diffusers or PEFT. A
+known defect is a strict expectation only on a stack inside its verified ranges; outside them a
+defect that no longer reproduces reads "fixed upstream?" and does not fail the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from importlib import metadata
+from typing import ClassVar
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+#: The oldest releases the fixtures, the marker and the reference were run on (``make stacks``);
+#: ``pyproject.toml`` declares the same bounds.
+MINIMUM_VERSIONS: dict[str, str] = {
+    "torch": "2.13.0",
+    "diffusers": "0.35.0",
+    "peft": "0.17.0",
+    "transformers": "4.48.0",
+}
+#: The packages that make a stack, in the order the header names them.
+STACK_PACKAGES = ("torch", "diffusers", "peft", "transformers", "torchao")
+
+
+def installed_version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def installed_stack() -> dict[str, str]:
+    """``package -> version`` of every stack package installed (torchao may be absent)."""
+    found = {}
+    for package in STACK_PACKAGES:
+        version = installed_version(package)
+        if version is not None:
+            found[package] = version
+    return found
+
+
+def too_old(stack: Mapping[str, str] | None = None) -> list[str]:
+    """One message per package older than :data:`MINIMUM_VERSIONS` (or missing), naming the
+    package, the version found and the one needed."""
+    stack = installed_stack() if stack is None else stack
+    problems = []
+    for package, minimum in MINIMUM_VERSIONS.items():
+        found = stack.get(package)
+        if found is None:
+            problems.append(
+                f"{package} is not installed; pytest-hotswap needs {package}>={minimum}"
+            )
+        elif _release(found) < Version(minimum):
+            problems.append(
+                f"{package} {found} is installed; pytest-hotswap needs {package}>={minimum} "
+                f"(pip install -U '{package}>={minimum}')"
+            )
+    return problems
+
+
+def _release(version: str) -> Version:
+    """The release part of a version (``2.13.0+cpu`` -> ``2.13.0``); unparsable reads as 0."""
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        return Version("0")
+    return Version(parsed.base_version)
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownDefect:
+    """A documented upstream defect one implementation shows in one conformance scenario.
+
+    ``failure`` is how it shows (one of the class constants). ``verified`` maps a package to the
+    ``packaging`` specifier of the versions the defect was reproduced on; a stack matches when
+    every listed package's installed version is inside its specifier.
+    """
+
+    NOT_REJECTED: ClassVar[str] = (
+        "not rejected"  # an adapter that cannot be hotswapped was accepted
+    )
+    MODEL_CHANGED: ClassVar[str] = "model changed"  # a swap that raised left the model changed
+    RECOMPILES: ClassVar[str] = "recompiles"  # the no_recompile marker fails the test
+    WRONG_OUTPUT: ClassVar[str] = "wrong output"  # the output differs from a fresh eager load
+    FAILURES: ClassVar[tuple[str, ...]] = (NOT_REJECTED, MODEL_CHANGED, RECOMPILES, WRONG_OUTPUT)
+
+    scenario: str
+    reason: str
+    failure: str
+    verified: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.failure not in self.FAILURES:
+            raise ValueError(f"failure must be one of {self.FAILURES}, got {self.failure!r}")
+        for package, specifier in self.verified.items():
+            try:
+                SpecifierSet(specifier)
+            except InvalidSpecifier:
+                raise ValueError(f"{package}: {specifier!r} is not a version specifier") from None
+
+    def verified_on(self, stack: Mapping[str, str] | None = None) -> bool:
+        """Whether the stack is inside every verified range (a strict expectation there)."""
+        stack = installed_stack() if stack is None else stack
+        for package, specifier in self.verified.items():
+            found = stack.get(package)
+            if found is None or not SpecifierSet(specifier).contains(
+                _release(found), prereleases=True
+            ):
+                return False
+        return True
+
+    def describe_range(self) -> str:
+        return ", ".join(f"{package}{spec}" for package, spec in self.verified.items())
+
+
+def describe_stack(stack: Mapping[str, str] | None = None) -> str:
+    stack = installed_stack() if stack is None else stack
+    return ", ".join(f"{package} {version}" for package, version in stack.items())
