@@ -8,6 +8,13 @@ Workflow::
     hotswap(pipe, "next.safetensors")                        # no recompile
     set_lora_scale(pipe, 0.6)                                # no recompile either
 
+Opt-ins of ``prepare_for_hotswap``: ``targets=[...]`` (module names and / or adapters: every layer
+any of them targets gets a zero LoRA, so adapters for disjoint layers swap in place),
+``text_encoder=True`` (the pipeline's text encoders are padded too; a swap is one transaction
+across all components) and ``slots=N`` (N weighted adapters per layer: ``hotswap(..., slot=k)``,
+``set_lora_scale(..., slot=k)``). ``written_tensors`` lists the views a swap would write, the
+copy floor of a benchmark.
+
 It operates on the LoRA layers PEFT injected (what ``load_lora_adapter`` produces) with its own
 prepare and swap logic, so the test suite can compare diffusers + PEFT's hotswap against it.
 """
@@ -34,6 +41,7 @@ _FUNCTIONS = {
     "prepare_for_hotswap": "pytest_hotswap.reference.prepare",
     "hotswap": "pytest_hotswap.reference.swap",
     "set_lora_scale": "pytest_hotswap.reference.swap",
+    "written_tensors": "pytest_hotswap.reference.swap",
 }
 
 __all__ = [
@@ -49,6 +57,7 @@ __all__ = [
     "hotswap",
     "prepare_for_hotswap",
     "set_lora_scale",
+    "written_tensors",
 ]
 
 
