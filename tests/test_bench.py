@@ -1,4 +1,5 @@
-"""``python -m pytest_hotswap.bench``: the smoke run's files and table, bad arguments, crashes.
+"""``python -m pytest_hotswap.bench``: the smoke run's files and table, bad arguments, crashes, the
+GPU check without a GPU, and the pieces the figures rest on (spreads, interleaving, goals).
 
 Speed is never asserted here; what is asserted is the shape of the results and the facts the
 benchmark rests on (a hotswap does not recompile, a reload does).
@@ -14,23 +15,43 @@ from pathlib import Path
 
 import pytest
 
+from pytest_hotswap.bench import gpu_check
 from pytest_hotswap.bench.__main__ import MEASUREMENTS, main
-from pytest_hotswap.bench.results import Result, Target, format_table
+from pytest_hotswap.bench.goals import GOALS, evaluate
+from pytest_hotswap.bench.results import Result, Stat, Target, format_table
+from pytest_hotswap.bench.timing import interleaved, ratio, split
 
 ROW_KEYS = {
     "swap_latency": {
         "model",
         "lora_layers",
-        "copy_floor_ms",
+        "padded_floor_ms",
+        "written_floor_ms",
         "reference_ms",
-        "peft_ms",
+        "peft_fn_ms",
+        "diffusers_ms",
         "reload_ms",
+        "reference_x_padded_floor",
+        "reference_x_written_floor",
+        "peft_fn_x_reference",
+        "diffusers_x_reference",
     },
     "recompile_stall": {"backend", "swap", "steady_call_ms", "first_call_ms", "recompiles"},
     "padding_overhead": {"model", "padded_to", "forward_ms", "x_unpadded"},
-    "end_to_end": {"run", "seconds", "recompiles", "speedup_vs_eager"},
-    "plugin_overhead": {"case", "plain_ms", "watched_ms", "overhead_ms"},
+    "end_to_end": {"run", "swap", "reads_file_per_swap", "seconds", "recompiles"},
+    "plugin_overhead": {"case", "unit", "without_ms", "with_ms", "overhead_ms"},
+    "installed_plugin": {"run", "wall_ms", "peak_mib", "torch_imported"},
+    "slots": {"model", "slots", "forward_ms", "forward_x_one_slot", "swap_ms", "swap_x_one_slot"},
 }
+#: A timed value in the JSON: its median and its spread.
+STAT_KEYS = {"median", "q1", "q3", "min", "max", "n"}
+#: Columns that hold a timed value (or a ratio of two) in every row that has them.
+TIMED = {
+    key
+    for keys in ROW_KEYS.values()
+    for key in keys
+    if key.endswith(("_ms", "_x_reference", "_floor", "_one_slot", "_mib")) or key == "x_unpadded"
+} - {"without_ms"}
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +61,21 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Complete
         [sys.executable, "-m", "pytest_hotswap.bench", "--smoke", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     return done, out
+
+
+def _measurements(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())["measurements"]
 
 
 def test_smoke_runs_every_measurement_and_writes_json_and_png(smoke) -> None:
     done, out = smoke
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     document = json.loads((out / "results.json").read_text())
-    assert document["schema"] == 1
+    assert document["schema"] == 2
     assert {"torch", "diffusers", "peft"} <= set(document["versions"])
     assert document["config"]["smoke"] is True
     assert list(document["measurements"]) == list(MEASUREMENTS)
@@ -63,34 +88,87 @@ def test_smoke_runs_every_measurement_and_writes_json_and_png(smoke) -> None:
     assert (out / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_smoke_reports_the_targets_of_the_flux_shaped_models(smoke) -> None:
+def test_smoke_gives_every_timed_value_its_spread(smoke) -> None:
     _, out = smoke
-    swap = json.loads((out / "results.json").read_text())["measurements"]["swap_latency"]
-    names = {target["name"] for target in swap["targets"]}
-    assert names == {
-        "flux-wide reference/floor",
-        "flux-wide PEFT/reference",
-        "flux-deep reference/floor",
-        "flux-deep PEFT/reference",
+    for name, measurement in _measurements(out).items():
+        for row in measurement["rows"]:
+            for key in TIMED & set(row):
+                if row[key] == "-":  # no swap in a run without swaps
+                    continue
+                assert set(row[key]) == STAT_KEYS, (name, key, row[key])
+                value = row[key]
+                assert value["min"] <= value["q1"] <= value["median"] <= value["q3"] <= value["max"]
+
+
+def test_smoke_reports_every_goal_in_json_and_table(smoke) -> None:
+    done, out = smoke
+    measurements = _measurements(out)
+    reported = {
+        target["name"]: target
+        for measurement in measurements.values()
+        for target in measurement["targets"]
     }
-    for target in swap["targets"]:
+    assert set(reported) == {goal.name for goal in GOALS}
+    for goal in GOALS:
+        target = reported[goal.name]
+        assert target["target"] == f"{'>=' if goal.at_least else '<='} {goal.limit:g}"
         assert isinstance(target["met"], bool)
-        assert target["target"] in ("<= 3", ">= 3")
-    for row in swap["rows"]:
-        assert row["copy_floor_ms"] > 0
-        assert row["lora_layers"] > 0
+        assert f"   target {goal.name}: " in done.stdout
+    swap = {row["model"]: row for row in measurements["swap_latency"]["rows"]}
+    assert set(swap) == {"tiny-flux", "flux-wide", "flux-deep"}
+    for row in swap.values():
+        assert 0 < row["written_mib"] < row["padded_mib"]
 
 
 def test_smoke_hotswap_does_not_recompile_and_reload_does(smoke) -> None:
     """The facts behind the stall and end-to-end numbers, with the reload as negative control."""
     _, out = smoke
-    measurements = json.loads((out / "results.json").read_text())["measurements"]
-    stall = {row["swap"]: row["recompiles"] for row in measurements["recompile_stall"]["rows"]}
-    assert stall == {"hotswap": 0, "recompiling swap": 1}
-    e2e = {row["run"]: row["recompiles"] for row in measurements["end_to_end"]["rows"]}
-    assert e2e["compiled, hotswap"] == 0
-    assert e2e["compiled, no swaps"] == 0
-    assert e2e["compiled, recompiling swaps"] == 3  # one per swap through the 4 adapters
+    measurements = _measurements(out)
+    stall = {row["swap"]: row for row in measurements["recompile_stall"]["rows"]}
+    assert stall["hotswap"]["recompiles"] == 0
+    assert stall["recompiling swap"]["recompiles"] == stall["recompiling swap"]["swaps"] >= 1
+    e2e = {row["run"]: row for row in measurements["end_to_end"]["rows"]}
+    assert list(e2e) == [
+        "eager, reloads",
+        "compiled, no swaps",
+        "compiled, hotswap (diffusers)",
+        "compiled, hotswap (reference)",
+        "compiled, recompiling swaps",
+    ]
+    for run in (
+        "compiled, no swaps",
+        "compiled, hotswap (diffusers)",
+        "compiled, hotswap (reference)",
+    ):
+        assert e2e[run]["recompiles"] == 0, run
+    recompiling = e2e["compiled, recompiling swaps"]
+    assert recompiling["recompiles"] == recompiling["sequences"]  # smoke: 2 adapters, one swap
+    assert e2e["compiled, hotswap (reference)"]["reads_file_per_swap"] is True
+    assert e2e["compiled, no swaps"]["reads_file_per_swap"] is False
+
+
+def test_smoke_measures_the_installed_plugin_and_slots(smoke) -> None:
+    _, out = smoke
+    measurements = _measurements(out)
+    installed = {row["run"]: row for row in measurements["installed_plugin"]["rows"]}
+    assert list(installed) == ["with plugin", "-p no:hotswap", "plugin cost"]
+    for run in ("with plugin", "-p no:hotswap"):
+        assert isinstance(installed[run]["torch_imported"], bool)
+        assert installed[run]["peak_mib"]["median"] > 10
+    slots = measurements["slots"]["rows"]
+    assert [(row["model"], row["slots"]) for row in slots] == [
+        (model, n) for model in ("tiny-flux", "flux-deep") for n in (1, 2, 4)
+    ]
+    cases = [row["case"] for row in measurements["plugin_overhead"]["rows"]]
+    assert cases == [
+        "compiled call in a watcher",
+        "CompileWatcher.step",
+        "watcher scope enter + exit",
+        "compiled call, isolate_recompiles=True",
+        "no_recompile(fresh=True): reset + recompile",
+        "pytest test, no_recompile",
+        "pytest test, no_recompile(fresh=True)",
+    ]
 
 
 def test_cuda_is_refused_cleanly_without_a_gpu(monkeypatch, capsys, tmp_path) -> None:
@@ -104,12 +182,79 @@ def test_cuda_is_refused_cleanly_without_a_gpu(monkeypatch, capsys, tmp_path) ->
     assert not (tmp_path / "results.json").exists()
 
 
+def test_gpu_check_fails_loudly_without_a_gpu(monkeypatch, capsys, tmp_path) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu"
+    assert main(["--gpu-check", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "gpu-check: FAILED: gpu-check needs a CUDA GPU" in err
+    assert not out.exists()
+
+
+def test_gpu_check_takes_only_out(capsys, tmp_path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--gpu-check", "--smoke", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--gpu-check runs its own prepared steps and takes only --out; drop --smoke" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(("capability", "float8"), [((9, 0), True), ((8, 0), False)])
+def test_gpu_check_plans_the_bench_in_both_modes_and_the_conformance_suite(
+    capability, float8, tmp_path
+) -> None:
+    steps = {step.name: step.command for step in gpu_check.steps(tmp_path, capability)}
+    assert list(steps) == [
+        "bench-max-autotune-no-cudagraphs",
+        "bench-reduce-overhead",
+        "conformance",
+    ]
+    assert "max-autotune-no-cudagraphs" in steps["bench-max-autotune-no-cudagraphs"]
+    assert "reduce-overhead" in steps["bench-reduce-overhead"]
+    for name in ("bench-max-autotune-no-cudagraphs", "bench-reduce-overhead"):
+        assert steps[name][steps[name].index("--device") + 1] == "cuda"
+        assert str(tmp_path / name) in steps[name]
+    conformance = steps["conformance"]
+    assert {"--hotswap-device=cuda", "--hotswap-mode=reduce-overhead"} <= set(conformance)
+    assert ("--hotswap-quantize=float8-dynamic" in conformance) is float8
+    assert f"--hotswap-report={tmp_path / 'conformance.json'}" in conformance
+
+
+def test_gpu_check_writes_logs_and_summary_and_fails_on_a_failed_or_late_step(
+    monkeypatch, capsys, tmp_path
+) -> None:
+    python = sys.executable
+    monkeypatch.setattr(gpu_check, "gpu", lambda: ("Fake GPU", (9, 0)))
+    monkeypatch.setattr(
+        gpu_check,
+        "steps",
+        lambda out, capability: [
+            gpu_check.Step("ok", [python, "-c", "print('fine')"]),
+            gpu_check.Step("broken", [python, "-c", "raise SystemExit(3)"]),
+            gpu_check.Step("slow", [python, "-c", "import time; time.sleep(60)"]),
+        ],
+    )
+    assert gpu_check.run(tmp_path, budget_s=5) == 1
+    summary = json.loads((tmp_path / "gpu-check.json").read_text())
+    statuses = {step["name"]: step["status"] for step in summary["steps"]}
+    assert statuses["ok"] == "passed"
+    assert statuses["broken"] == "failed (exit 3)"
+    assert statuses["slow"].startswith("timed out") or statuses["slow"].startswith("not run")
+    assert (tmp_path / "ok.log").read_text() == "fine\n"
+    err = capsys.readouterr().err
+    assert "gpu-check: FAILED: broken failed (exit 3)" in err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--quantize", "float8-dynamic"], "compute capability >= 8.9"),
         (["--swap-rank", "256"], "--swap-rank must be between 1 and --max-rank (128)"),
         (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--samples", "0"], "--samples must be at least 1"),
         (["--backends", "eager,tvm"], "unknown tvm"),
         (["--only", "swap,end_to_end"], "unknown swap"),
     ],
@@ -139,25 +284,70 @@ def test_a_crashing_measurement_is_recorded_and_fails_the_run(
 
 
 def test_targets_compare_in_their_direction() -> None:
-    assert Target("floor", 2.9, 3.0, at_least=False).met
-    assert not Target("floor", 3.1, 3.0, at_least=False).met
-    assert Target("speed-up", 3.0, 3.0, at_least=True).met
-    assert not Target("speed-up", 2.0, 3.0, at_least=True).met
+    assert Target("floor", 1.2, 1.3, at_least=False).met
+    assert not Target("floor", 1.4, 1.3, at_least=False).met
+    assert Target("speed-up", 4.0, 4.0, at_least=True).met
+    assert not Target("speed-up", 2.0, 4.0, at_least=True).met
 
 
-def test_table_aligns_rows_and_names_unmet_targets() -> None:
+def test_goals_read_their_row_and_column_with_the_spread() -> None:
+    spread = Stat.of([1.1, 1.2, 1.25, 1.4])
+    result = Result(
+        "swap_latency",
+        "swaps",
+        rows=[
+            {"model": "flux-wide", "reference_x_padded_floor": 0.8, "peft_fn_x_reference": 3.0},
+            {"model": "flux-deep", "reference_x_padded_floor": spread},
+        ],
+    )
+    targets = {target.name: target for target in evaluate(result)}
+    assert set(targets) == {
+        "flux-wide reference / padded floor",
+        "flux-wide PEFT function / reference",
+        "flux-deep reference / padded floor",
+    }
+    deep = targets["flux-deep reference / padded floor"]
+    assert (deep.value, deep.limit, deep.met, deep.spread) == (spread.median, 1.3, True, spread)
+    assert not targets["flux-wide PEFT function / reference"].met
+    assert targets["flux-wide reference / padded floor"].as_dict()["target"] == "<= 1"
+
+
+def test_stat_holds_median_quartiles_and_extremes() -> None:
+    stat = Stat.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (stat.median, stat.q1, stat.q3, stat.min, stat.max, stat.n) == (3, 2, 4, 1, 5, 5)
+    assert stat.text() == "3 [2, 4]"
+    assert Stat.of([7.0]).text() == "7"
+    assert Stat.of([7.0]).as_dict() == {"median": 7, "q1": 7, "q3": 7, "min": 7, "max": 7, "n": 1}
+    with pytest.raises(ValueError, match="at least one sample"):
+        Stat.of([])
+
+
+def test_interleaved_rotates_the_order_and_ratios_are_per_round() -> None:
+    order: list[str] = []
+    candidates = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    rounds = interleaved(candidates, "cpu", repeats=6, warmup=0, max_rounds=3)
+    assert split(6, 3) == (3, 2)
+    assert [len(r) for r in rounds["a"]] == [2, 2, 2]
+    assert order == list("aabbccbbccaaccaabb")
+    assert ratio([[2.0, 2.0], [6.0]], [[1.0, 1.0], [2.0]]).median == 2.5
+
+
+def test_table_aligns_rows_prints_spreads_and_names_unmet_targets() -> None:
     result = Result(
         "x",
         "A title",
-        rows=[{"model": "tiny", "ms": 1.23456}, {"model": "a-longer-name", "ms": 12345.6}],
+        rows=[
+            {"model": "tiny", "ms": Stat.of([1.0, 1.5, 2.0])},
+            {"model": "a-longer-name", "ms": 12345.6},
+        ],
         targets=[Target("ratio", 4.0, 3.0, at_least=False)],
         seconds=1.0,
     )
     lines = format_table(result).splitlines()
     assert lines[0] == "== A title [ok, 1.0 s]"
     assert lines[1:4] == [
-        "           model     ms",
-        "            tiny   1.23",
-        "   a-longer-name  12346",
+        "           model                ms",
+        "            tiny  1.5 [1.25, 1.75]",
+        "   a-longer-name             12346",
     ]
-    assert lines[4] == "   target ratio: 4 <= 3: NOT met"
+    assert lines[4] == "   target ratio: 4 (goal <= 3): NOT met"

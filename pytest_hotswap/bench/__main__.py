@@ -1,8 +1,9 @@
 """Command line: ``python -m pytest_hotswap.bench [--smoke] [--out DIR] [--device cuda] ...``.
 
 Writes ``results.json`` and ``bench.png`` into ``--out`` and prints one table per measurement.
-Exit status 1 when a measurement crashed (the others still run and are written), 2 for bad arguments (``--device cuda`` without a GPU
-included); speed targets are reported, never turned into a failure.
+Exit status 1 when a measurement crashed (the others still run and are written), 2 for bad
+arguments (``--device cuda`` without a GPU included); goals are reported, never turned into a
+failure. ``--gpu-check`` runs the prepared GPU check instead (``pytest_hotswap.bench.gpu_check``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from pytest_hotswap.bench import config as defaults
 from pytest_hotswap.bench.config import BenchConfig
 from pytest_hotswap.bench.results import Result, format_table, write_json
-from pytest_hotswap.options import BACKENDS, DTYPES, MODES, QUANTIZE, parse_list
+from pytest_hotswap.options import BACKENDS, DTYPES, MAX_RANK, MODES, QUANTIZE, parse_list
 from pytest_hotswap.pipelines import quiet_diffusers
 
 #: Measurement name -> module with ``run(config, workdir) -> Result``, in running order.
@@ -29,6 +31,8 @@ MEASUREMENTS = {
     "padding_overhead": "pytest_hotswap.bench.padding",
     "end_to_end": "pytest_hotswap.bench.end_to_end",
     "plugin_overhead": "pytest_hotswap.bench.overhead",
+    "installed_plugin": "pytest_hotswap.bench.installed",
+    "slots": "pytest_hotswap.bench.slots",
 }
 
 
@@ -57,16 +61,45 @@ def _parser() -> argparse.ArgumentParser:
         help="Compile backends for the stall and end-to-end measurements (default: all; smoke: eager)",
     )
     parser.add_argument(
-        "--mode", choices=MODES, help="Inductor mode (default: max-autotune on cuda)"
+        "--mode", choices=MODES, help="Inductor mode (default: max-autotune-no-cudagraphs on cuda)"
     )
     parser.add_argument(
-        "--quantize", choices=QUANTIZE, help="torchao config (default: float8-dynamic on cuda)"
+        "--quantize",
+        choices=QUANTIZE,
+        help="torchao config (default: float8-dynamic on cuda of compute capability >= 8.9)",
     )
-    parser.add_argument("--max-rank", type=int, default=128, help="Rank every LoRA is padded to")
-    parser.add_argument("--swap-rank", type=int, default=32, help="Rank of the swapped-in LoRAs")
-    parser.add_argument("--repeats", type=int, help="Timed repeats per median (default 7; smoke 3)")
+    parser.add_argument(
+        "--max-rank",
+        type=int,
+        default=MAX_RANK.default,
+        help="Rank every LoRA is padded to. Default: %(default)s",
+    )
+    parser.add_argument(
+        "--swap-rank",
+        type=int,
+        default=32,
+        help="Rank of the swapped-in LoRAs. Default: %(default)s",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help=f"Timed calls per median of a swap, copy or forward (default {defaults.REPEATS}; "
+        f"smoke {defaults.SMOKE_REPEATS})",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        help=f"Samples of reloads, stalls, end-to-end sequences and pytest processes (default "
+        f"{defaults.SAMPLES}; smoke {defaults.SMOKE_SAMPLES})",
+    )
     parser.add_argument(
         "--only", type=_comma_list(tuple(MEASUREMENTS)), help="Run only these measurements"
+    )
+    parser.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="Run the prepared check on one CUDA GPU (GPU bench + conformance suite) into --out; "
+        "fails (exit 2) without a GPU",
     )
     return parser
 
@@ -80,28 +113,33 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchC
             f"--device cuda needs a CUDA GPU, but torch {torch.__version__} sees none here; "
             "run it on a GPU machine, or drop --device cuda to measure on the CPU"
         )
-    quantize = args.quantize or ("float8-dynamic" if cuda else "none")
-    if quantize == "float8-dynamic" and (not cuda or torch.cuda.get_device_capability() < (8, 9)):
+    float8 = cuda and torch.cuda.get_device_capability() >= (8, 9)
+    quantize = args.quantize or ("float8-dynamic" if float8 else "none")
+    if quantize == "float8-dynamic" and not float8:
         parser.error(
             "--quantize float8-dynamic needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper); "
             "use --quantize float8-weight-only or int8-weight-only here"
         )
-    if args.repeats is not None and args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    for name in ("repeats", "samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1, got {value}")
     if not 1 <= args.swap_rank <= args.max_rank:
         parser.error(
             f"--swap-rank must be between 1 and --max-rank ({args.max_rank}), got {args.swap_rank}"
         )
+    smoke = args.smoke
     return BenchConfig(
-        smoke=args.smoke,
+        smoke=smoke,
         device=args.device,
         dtype=("bfloat16" if cuda else "float32") if args.dtype == "auto" else args.dtype,
-        backends=args.backends or (("eager",) if args.smoke else BACKENDS),
-        mode=args.mode or ("max-autotune" if cuda else "default"),
+        backends=args.backends or (("eager",) if smoke else BACKENDS),
+        mode=args.mode or ("max-autotune-no-cudagraphs" if cuda else "default"),
         quantize=quantize,
         max_rank=args.max_rank,
         swap_rank=args.swap_rank,
-        repeats=args.repeats or (3 if args.smoke else 7),
+        repeats=args.repeats or (defaults.SMOKE_REPEATS if smoke else defaults.REPEATS),
+        samples=args.samples or (defaults.SMOKE_SAMPLES if smoke else defaults.SAMPLES),
     )
 
 
@@ -132,6 +170,21 @@ def _one_thread() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.gpu_check:
+        from pytest_hotswap.bench import gpu_check
+
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in ("smoke", "backends", "mode", "quantize", "repeats", "samples", "only")
+            if getattr(args, name) not in (None, False)
+        ]
+        if given or args.device != "cpu":
+            parser.error(
+                f"--gpu-check runs its own prepared steps and takes only --out; drop "
+                f"{', '.join(given or ['--device'])}"
+            )
+
+        return gpu_check.run(args.out)
     config = _config(args, parser)
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -43,10 +43,9 @@ class FluxShape:
 
     @property
     def label(self) -> str:
+        """What the table's ``shape`` column says: ``hidden 3072, 1+2 blocks``."""
         c = self.config
-        return (
-            f"{self.name} (hidden {self.hidden}, {c['num_layers']}+{c['num_single_layers']} blocks)"
-        )
+        return f"hidden {self.hidden}, {c['num_layers']}+{c['num_single_layers']} blocks"
 
 
 def _flux(
@@ -99,6 +98,21 @@ def build_flux(shape: FluxShape, config: BenchConfig) -> torch.nn.Module:
     if config.torch_dtype != torch.float32:  # diffusers warns on every cast, even a no-op one
         model = model.to(config.torch_dtype)
     return model.eval().requires_grad_(False)
+
+
+def sharing_weights(model: torch.nn.Module, shape: FluxShape) -> torch.nn.Module:
+    """A second model of ``shape`` whose base weights are ``model``'s own tensors (no copy).
+
+    For configurations timed side by side (padded ranks, slot counts): each gets its own LoRA
+    layers on the same base weights, so the wide shape does not need its 2 GiB once per
+    configuration. Call it before loading any adapter into ``model``.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        twin = FluxTransformer2DModel(**shape.config)
+    twin.load_state_dict(model.state_dict(), assign=True)
+    return twin.eval().requires_grad_(False)
 
 
 def flux_call(shape: FluxShape, config: BenchConfig) -> dict[str, torch.Tensor]:
@@ -156,9 +170,39 @@ def load_adapter(
     model.load_lora_adapter(dict(lora), prefix="transformer", adapter_name=ADAPTER)
 
 
-def peft_hotswap(model: torch.nn.Module, lora: Mapping[str, torch.Tensor]) -> None:
-    """diffusers + PEFT's hotswap (what ``pipe.load_lora_weights(..., hotswap=True)`` runs)."""
+def diffusers_hotswap(model: torch.nn.Module, lora: Mapping[str, torch.Tensor]) -> None:
+    """diffusers' ``load_lora_adapter(..., hotswap=True)`` (what ``pipe.load_lora_weights(...,
+    hotswap=True)`` runs for the denoiser): key conversion, two ``state_dict()`` calls, then
+    PEFT's ``hotswap_adapter_from_state_dict``."""
     model.load_lora_adapter(dict(lora), prefix="transformer", adapter_name=ADAPTER, hotswap=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftAdapter:
+    """An adapter as PEFT's ``hotswap_adapter_from_state_dict`` takes it: PEFT keys with the
+    adapter name, and its ``LoraConfig``. Converted once, outside any timing."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: Any
+
+
+def peft_adapter(lora: Mapping[str, torch.Tensor]) -> PeftAdapter:
+    from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
+
+    from pytest_hotswap.pipelines import read_peft_adapter
+
+    state_dict, config = read_peft_adapter(lora)
+    state_dict = _insert_adapter_name_into_state_dict(
+        state_dict, adapter_name=ADAPTER, parameter_prefix="lora_"
+    )
+    return PeftAdapter(state_dict, config)
+
+
+def peft_function_hotswap(model: torch.nn.Module, adapter: PeftAdapter) -> None:
+    """PEFT's own ``hotswap_adapter_from_state_dict``, nothing around it."""
+    from peft.utils.hotswap import hotswap_adapter_from_state_dict
+
+    hotswap_adapter_from_state_dict(model, adapter.state_dict, ADAPTER, adapter.config)
 
 
 def reload(model: torch.nn.Module, lora: Mapping[str, torch.Tensor]) -> None:

@@ -1,29 +1,77 @@
-"""Measurement 5: what pytest-hotswap itself costs.
+"""Measurement 5: what pytest-hotswap's watching costs, one row per mechanism the marker uses.
 
-A call of the compiled tiny Flux transformer inside a ``CompileWatcher`` against one outside, the
-watcher's enter + exit, and a ``no_recompile`` pytest test against the same test unmarked (run in a
-subprocess; per-test times from its JUnit XML, medians over ``repeats`` tests each).
+On the tiny Flux transformer compiled with the ``eager`` backend (the watching cost does not
+depend on the backend), in this process:
+
+* a compiled call inside a ``CompileWatcher`` against the same call outside one (per call);
+* ``CompileWatcher.step`` (per step: it reads dynamo's cache lists, ``watch.caches.snapshot``),
+  with a compiled call between steps as in a test that swaps;
+* a watcher scope's enter + exit (per test);
+* a call of a model compiled with ``isolate_recompiles=True`` against one compiled without
+  (per call);
+* ``no_recompile(fresh=True)``: ``torch.compiler.reset()`` and the first call that recompiles
+  the model, against a warm call (per test);
+
+and in a pytest subprocess, whole tests (setup, call, teardown, timed with ``perf_counter`` by a
+conftest around each test's protocol): a ``no_recompile`` test and a ``no_recompile(fresh=True)``
+test against the same unmarked test, each making ``CALLS_PER_TEST`` calls; the three kinds
+alternate in rotating order. Per-call rows time blocks of calls in alternating rounds and take the
+overhead per round; the spread is over rounds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import os
-import statistics
 import subprocess
 import sys
 import textwrap
-import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pytest_hotswap.bench import models
+from pytest_hotswap import pipelines
+from pytest_hotswap.bench import goals, models
 from pytest_hotswap.bench.config import BenchConfig
-from pytest_hotswap.bench.results import Result
-from pytest_hotswap.bench.timing import median_ms
+from pytest_hotswap.bench.results import Result, Stat
+from pytest_hotswap.bench.timing import difference, interleaved, pooled, split, time_ms
 from pytest_hotswap.watch import CompileWatcher
+from pytest_hotswap.watch.caches import snapshot
 
 CALLS_PER_TEST = 20
+#: Variants of the subprocess test: marker (None: unmarked).
+TEST_VARIANTS = {
+    "plain": None,
+    "no_recompile": "pytest.mark.no_recompile",
+    "fresh": "pytest.mark.no_recompile(fresh=True)",
+}
+
+_CONFTEST = """
+import json
+import time
+
+import pytest
+
+TIMES = {{}}
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = time.perf_counter()
+    try:
+        return (yield)
+    finally:
+        TIMES[item.nodeid] = (time.perf_counter() - start) * 1e3
+
+
+def pytest_sessionfinish(session):
+    with open({times!r}, "w") as f:
+        json.dump(TIMES, f)
+"""
 
 _TEST_FILE = """
 import pytest
@@ -32,6 +80,9 @@ import torch
 from pytest_hotswap.pipelines import build_tiny_flux_transformer, flux_inputs
 
 DEVICE, DTYPE = {device!r}, {dtype!r}
+CASES = {cases!r}
+MARKS = {{"plain": (), "no_recompile": (pytest.mark.no_recompile,),
+         "fresh": (pytest.mark.no_recompile(fresh=True),)}}
 
 
 @pytest.fixture(scope="module")
@@ -44,75 +95,182 @@ def compiled():
     return model, inputs
 
 
+def test_warm_up(compiled):
+    _calls(compiled)
+
+
+@pytest.mark.parametrize(
+    "variant", [pytest.param(v, marks=MARKS[v], id=f"{{i}}-{{v}}") for i, v in CASES]
+)
+def test_case(compiled, variant):
+    _calls(compiled)
+
+
 def _calls(compiled):
     model, inputs = compiled
     with torch.no_grad():
         for _ in range({calls}):
             model(**inputs)
-
-
-def test_warm_up(compiled):
-    _calls(compiled)
-
-
-@pytest.mark.parametrize("repeat", range({repeats}))
-def test_plain(compiled, repeat):
-    _calls(compiled)
-
-
-@pytest.mark.no_recompile
-@pytest.mark.parametrize("repeat", range({repeats}))
-def test_no_recompile(compiled, repeat):
-    _calls(compiled)
 """
 
 
-def _watched_calls(config: BenchConfig) -> list[dict[str, object]]:
-    torch.compiler.reset()
+def run(config: BenchConfig, workdir: Path) -> Result:
+    result = Result(
+        "plugin_overhead",
+        "Plugin overhead: without vs with each mechanism (ms, median [IQR]; overhead per round)",
+        note=f"tiny Flux transformer, eager backend; pytest tests make {CALLS_PER_TEST} calls",
+    )
+    result.rows = [*_in_process(config), *_pytest_tests(config, workdir)]
+    result.targets = goals.evaluate(result)
+    return result
+
+
+def _row(
+    case: str, unit: str, without: Stat | str, with_: Stat, overhead: Stat, detail: str = ""
+) -> dict[str, Any]:
+    return {
+        "case": case,
+        "unit": unit,
+        "without_ms": without,
+        "with_ms": with_,
+        "overhead_ms": overhead,
+        "detail": detail,
+    }
+
+
+def _compiled_tiny(config: BenchConfig, *, isolate: bool) -> Callable[[], None]:
     model = models.build_flux(models.TINY, config)
     call = models.flux_call(models.TINY, config)
-    model.compile(backend="eager")
+    if isolate:
+        pipelines.compile_denoiser(model, "eager")  # what the fixtures do: isolate_recompiles
+    else:
+        model.compile(backend="eager", fullgraph=True, isolate_recompiles=False)
+    forward = models.forward(model, call)
+    forward()  # the first compile
+    return forward
 
-    def forward() -> None:
-        with torch.no_grad():
-            model(**call)
 
-    forward()
-    repeats = config.repeats * 10
-    plain, watched = [], []
-    for _ in range(3):  # alternate blocks, so drift in the machine's load hits both alike
-        plain.append(median_ms(forward, config.device, repeats))
-        with CompileWatcher():
-            watched.append(median_ms(forward, config.device, repeats))
+def _watched_blocks(
+    forward: Callable[[], None], config: BenchConfig
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Per round, calls timed one by one outside a watcher, then inside one (order alternates)."""
+    rounds, per_round = split(max(config.repeats * 2, 10), max_rounds=7)
+
+    def block(watched: bool) -> list[float]:
+        scope = CompileWatcher() if watched else contextlib.nullcontext()
+        with scope:
+            return [time_ms(forward, config.device) for _ in range(per_round)]
+
+    plain: list[list[float]] = []
+    watched: list[list[float]] = []
+    block(True)  # warm-up
+    for r in range(rounds):
+        for is_watched in (r % 2 == 0, r % 2 != 0):
+            (watched if is_watched else plain).append(block(is_watched))
+    return plain, watched
+
+
+def _in_process(config: BenchConfig) -> list[dict[str, Any]]:
+    torch.compiler.reset()
+    isolated = _compiled_tiny(config, isolate=True)
+    shared = _compiled_tiny(config, isolate=False)
+    rows = []
+
+    plain, watched = _watched_blocks(isolated, config)
+    rows.append(
+        _row(
+            "compiled call in a watcher",
+            "per call",
+            pooled(plain),
+            pooled(watched),
+            difference(watched, plain),
+        )
+    )
+
+    rounds, per_round = split(config.repeats)
+    steps: list[list[float]] = []
+    with CompileWatcher() as watcher:
+        for r in range(rounds):
+            one_round = []
+            for i in range(per_round):
+                isolated()
+                label = f"step {r}.{i}"
+                one_round.append(time_ms(functools.partial(watcher.step, label), "cpu"))
+            steps.append(one_round)
+    frames = len(snapshot())
+    rows.append(
+        _row(
+            "CompileWatcher.step",
+            "per step",
+            "-",
+            pooled(steps),
+            pooled(steps),
+            f"reads the cache lists of {frames} frames",
+        )
+    )
 
     def enter_exit() -> None:
         with CompileWatcher():
             pass
 
+    scopes = interleaved({"scope": enter_exit}, "cpu", config.repeats)["scope"]
+    rows.append(_row("watcher scope enter + exit", "per test", "-", pooled(scopes), pooled(scopes)))
+
+    calls = interleaved(
+        {"shared": shared, "isolated": isolated}, config.device, max(config.repeats * 2, 10)
+    )
+    rows.append(
+        _row(
+            "compiled call, isolate_recompiles=True",
+            "per call",
+            pooled(calls["shared"]),
+            pooled(calls["isolated"]),
+            difference(calls["isolated"], calls["shared"]),
+            "against isolate_recompiles=False",
+        )
+    )
+
+    warm = [time_ms(isolated, config.device) for _ in range(config.repeats)]
+    fresh = []
+    for _ in range(max(1, min(config.samples, 5))):
+        fresh.append(time_ms(lambda: (torch.compiler.reset(), isolated()), config.device))
+    rows.append(
+        _row(
+            "no_recompile(fresh=True): reset + recompile",
+            "per test",
+            Stat.of(warm),
+            Stat.of(fresh),
+            Stat.of(f - Stat.of(warm).median for f in fresh),
+            "torch.compiler.reset() and the first call, against a warm call",
+        )
+    )
     torch.compiler.reset()
+    return rows
+
+
+def _cases(repeats: int) -> list[tuple[int, str]]:
+    """``repeats`` rounds of the variants, the order rotating from round to round."""
+    names = list(TEST_VARIANTS)
     return [
-        {
-            "case": "compiled call",
-            "plain_ms": statistics.median(plain),
-            "watched_ms": statistics.median(watched),
-        },
-        {
-            "case": "watcher enter + exit",
-            "plain_ms": 0.0,
-            "watched_ms": median_ms(enter_exit, "cpu", repeats),
-        },
+        (i, name)
+        for i in range(repeats)
+        for name in names[i % len(names) :] + names[: i % len(names)]
     ]
 
 
-def _pytest_tests(config: BenchConfig, workdir: Path) -> dict[str, object]:
+def _pytest_tests(config: BenchConfig, workdir: Path) -> list[dict[str, Any]]:
     folder = workdir / "plugin_overhead"
     folder.mkdir(exist_ok=True)
+    times_path = folder / "times.json"
+    repeats = max(2, min(config.repeats // 3, 10))
+    cases = _cases(repeats)
+    (folder / "conftest.py").write_text(textwrap.dedent(_CONFTEST).format(times=str(times_path)))
     (folder / "test_overhead.py").write_text(
         textwrap.dedent(_TEST_FILE).format(
-            device=config.device, dtype=config.dtype, calls=CALLS_PER_TEST, repeats=config.repeats
+            device=config.device, dtype=config.dtype, calls=CALLS_PER_TEST, cases=cases
         )
     )
-    junit = folder / "junit.xml"
+    (folder / "pytest.ini").write_text("[pytest]\n")
     command = [
         sys.executable,
         "-m",
@@ -121,30 +279,41 @@ def _pytest_tests(config: BenchConfig, workdir: Path) -> dict[str, object]:
         "-p",
         "no:cacheprovider",
         "--strict-markers",
-        f"--junitxml={junit}",
         "test_overhead.py",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        command, cwd=folder, env=clean_env(), capture_output=True, text=True, timeout=900
+    )
     if done.returncode != 0:
         raise RuntimeError(
-            f"the overhead tests failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-2000:]}"
+            f"the overhead tests failed (exit {done.returncode}):\n"
+            f"{done.stdout[-3000:]}{done.stderr[-2000:]}"
         )
-    times: dict[str, list[float]] = {"test_plain": [], "test_no_recompile": []}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        name = case.get("name", "").split("[")[0]
-        if name in times:
-            times[name].append(float(case.get("time", "nan")) * 1e3)
-    return {
-        "case": f"pytest test ({CALLS_PER_TEST} calls)",
-        "plain_ms": statistics.median(times["test_plain"]),
-        "watched_ms": statistics.median(times["test_no_recompile"]),
+    times = json.loads(times_path.read_text())
+    by_variant: dict[str, list[list[float]]] = {name: [] for name in TEST_VARIANTS}
+    for i, name in cases:
+        by_variant[name].append([times[f"test_overhead.py::test_case[{i}-{name}]"]])
+    plain = by_variant["plain"]
+    return [
+        _row(
+            f"pytest test, {TEST_VARIANTS[name].removeprefix('pytest.mark.')}",
+            "per test",
+            pooled(plain),
+            pooled(by_variant[name]),
+            difference(by_variant[name], plain),
+            f"against the unmarked test, {repeats} rounds",
+        )
+        for name in ("no_recompile", "fresh")
+    ]
+
+
+def clean_env() -> dict[str, str]:
+    """The environment for a pytest subprocess: no inherited pytest options or plugins."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD")
+        and not key.startswith("PYTEST_XDIST")
     }
-
-
-def run(config: BenchConfig, workdir: Path) -> Result:
-    result = Result("plugin_overhead", "Plugin overhead: unwatched vs watched (median ms)")
-    result.rows = [*_watched_calls(config), _pytest_tests(config, workdir)]
-    for row in result.rows:
-        row["overhead_ms"] = row["watched_ms"] - row["plain_ms"]
-    return result
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
