@@ -188,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _config(args, parser)
 
     args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / "results.json", args.out / "bench.png"
 
     results: list[Result] = []
     with contextlib.ExitStack() as stack:
@@ -198,9 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.only or MEASUREMENTS:
             results.append(_run_one(name, config, workdir))
             print(format_table(results[-1]), flush=True)
+            write_json(json_path, config.as_dict(), results)  # a run stopped later keeps these
 
-    json_path, png_path = args.out / "results.json", args.out / "bench.png"
-    write_json(json_path, config.as_dict(), results)
     from pytest_hotswap.bench.plot import plot
 
     plot(results, png_path, config)
