@@ -68,8 +68,9 @@ def run(config: BenchConfig, workdir: Path) -> Result:
         f"Swap latency, LoRA padded to {config.max_rank}, swapped for rank {config.swap_rank}: "
         f"ms per swap, {config.repeats} swaps each ({rounds}), {config.samples} reloads; "
         "median [IQR]; x = ratio per round",
-        note="peft_fn: PEFT's function alone (keys converted untimed); diffusers: "
-        "load_lora_adapter(hotswap=True); no file is read by any swap",
+        note="written floor: the rank rows/columns the reference writes (the swaps alternate two "
+        "adapters of one rank: nothing to zero); peft_fn: PEFT's function alone (keys converted "
+        "untimed); diffusers: load_lora_adapter(hotswap=True); no swap reads a file",
     )
     for shape in models.flux_shapes(config.smoke):
         result.rows.append(_measure(shape, config, workdir))
