@@ -20,7 +20,6 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -620,11 +619,3 @@ def check_config_fields(
             or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
         ):
             raise refuse("target_modules", targets, "a string, a list of strings or null")
-
-
-def read_path(path: str | os.PathLike[str]) -> Path:
-    """The checked path of an adapter file (the shared reader's checks, as a HotswapError)."""
-    try:
-        return check_adapter_path(path)
-    except AdapterFileError as error:
-        raise InvalidAdapterError(str(error)) from None

@@ -129,7 +129,7 @@ class Layout:
     #: The dtype and device of the destinations, when all share them (the common case).
     dtype: torch.dtype | None = None
     device: torch.device | None = None
-    #: Layer positions the layout targets, and the PEFT module name of each (for alpha patterns).
+    #: Layer positions the layout targets (in index order).
     targeted: list[int] = field(default_factory=list)
     #: Zero views, per the layout that was written before (bounded, most recent last).
     zeros: OrderedDict[Layout, list[torch.Tensor]] = field(default_factory=OrderedDict)

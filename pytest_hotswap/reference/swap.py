@@ -413,7 +413,7 @@ def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
 @dataclass(eq=False)
 class _Values:
     """Checked scaling values of a slot, and per scaling group (see :func:`_scaling_groups`) the
-    same values as a CPU tensor rounded to the group's dtype: what is written."""
+    same values as a tensor rounded to the group's dtype, on its device: what is written."""
 
     values: list[float]
     rounded: list[torch.Tensor]
@@ -429,7 +429,7 @@ def _scaling_values(
     """
     values = [b * weight for b in base] if weight != 1.0 else base
     rounded = []
-    for _, positions, _, dtype in _scaling_groups(index, k):
+    for _, positions, device, dtype in _scaling_groups(index, k):
         chosen = values if positions is None else [values[p] for p in positions]
         group = torch.tensor(
             chosen, dtype=torch.float64 if dtype == torch.float64 else torch.float32
@@ -451,7 +451,8 @@ def _scaling_values(
                 f"scaling's dtype {dtype} (largest: {torch.finfo(dtype).max:.4g}); the "
                 "adapter's lora_alpha is broken"
             )
-        rounded.append(group)
+        # On a GPU: transferred now, while planning, so the commit is kernels only.
+        rounded.append(group if device.type == "cpu" else group.to(device))
     return _Values(values, rounded)
 
 
@@ -463,11 +464,8 @@ def _write_scalings(index: AdapterIndex, k: int, values: _Values) -> None:
     for (tensors, _, device, _), rounded in zip(
         _scaling_groups(index, k), values.rounded, strict=True
     ):
-        if device.type == "cpu":
-            if torch.equal(torch.stack(tensors), rounded):
-                continue
-        else:
-            rounded = rounded.to(device)
+        if device.type == "cpu" and torch.equal(torch.stack(tensors), rounded):
+            continue
         torch._foreach_copy_(tensors, list(rounded.unbind()))
 
 
