@@ -90,10 +90,59 @@ def read_adapter(
     """
     state, metadata = _source(lora)
     kinds = _check_tensors(state)
+    plan_key = (loader, prefix, tuple(spec.name for spec in text_encoders), tuple(state))
+    known = _KEY_PLANS.get(plan_key)
+    if known is not None:
+        # These very keys went through diffusers before and came out renamed only (same tensors,
+        # nothing converted or popped, no alpha or text-encoder keys): diffusers decides formats
+        # from keys alone, so the same renaming applies without calling it again.
+        _KEY_PLANS.move_to_end(plan_key)
+        tensors = dict(zip(known, state.values(), strict=True))
+        part_tensors = {"": tensors}
+        state_dict, alphas = state, None
+    else:
+        state_dict, alphas, part_tensors, tensors = _convert(state, loader, prefix, text_encoders)
+        if (
+            state_dict is state
+            and len(tensors) == len(plan_key[3])
+            and set(part_tensors) == {""}
+            and not any(map(str.endswith, state, repeat(".alpha")))
+            and all(map(operator.is_, tensors.values(), state.values()))
+        ):
+            _KEY_PLANS[plan_key] = tuple(tensors)
+            while len(_KEY_PLANS) > _CONFIG_CACHE_SIZE:
+                _KEY_PLANS.popitem(last=False)
+
+    keys = known if known is not None else tuple(tensors)
+    shapes = tuple(map(_SHAPE, tensors.values()))
+    configs = _configs(part_tensors, alphas, metadata, prefix, text_encoders, keys, shapes)
+    if state_dict is not state:  # diffusers converted: the values may be new tensors
+        kinds = set(map(_KIND, tensors.values()))
+    return Adapter(
+        tensors=tensors,
+        configs=configs,
+        keys=keys,
+        shapes=shapes,
+        kinds=frozenset((kind[3], kind[4]) for kind in kinds),
+    )
+
+
+def _convert(
+    state: dict[str, torch.Tensor],
+    loader: Any,
+    prefix: str,
+    text_encoders: Sequence[TextEncoderSpec],
+) -> tuple[
+    dict[str, torch.Tensor],
+    dict[str, float] | None,
+    dict[str, dict[str, torch.Tensor]],
+    dict[str, torch.Tensor],
+]:
+    """diffusers' conversion of a checked state dict, split per component in PEFT keys: returns
+    diffusers' state dict, the alphas, the tensors per component and all of them qualified."""
     _check_alpha_tensors(state)
     if not text_encoders:
         _refuse_text_encoder_keys(list(state))
-
     try:
         # diffusers' converters raise many exception types for malformed input; all of them mean
         # "diffusers cannot read this adapter".
@@ -123,19 +172,7 @@ def read_adapter(
             "the adapter has no LoRA tensors for any prepared component"
             + ("" if text_encoders else " (the denoiser)")
         )
-
-    keys = tuple(tensors)
-    shapes = tuple(map(_SHAPE, tensors.values()))
-    configs = _configs(part_tensors, alphas, metadata, prefix, text_encoders, keys, shapes)
-    if state_dict is not state:  # diffusers converted: the values may be new tensors
-        kinds = set(map(_KIND, tensors.values()))
-    return Adapter(
-        tensors=tensors,
-        configs=configs,
-        keys=keys,
-        shapes=shapes,
-        kinds=frozenset((kind[3], kind[4]) for kind in kinds),
-    )
+    return state_dict, alphas, part_tensors, tensors
 
 
 def adapter_layers(adapter: Adapter) -> dict[str, int]:
@@ -415,6 +452,8 @@ def _peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # -- configs -----------------------------------------------------------------------------------
 
 _CONFIG_CACHE: OrderedDict[Any, dict[str, Any]] = OrderedDict()
+#: Raw key sets diffusers only renamed, with the keys it renamed them to (see read_adapter).
+_KEY_PLANS: OrderedDict[Any, tuple[str, ...]] = OrderedDict()
 
 
 def _configs(
