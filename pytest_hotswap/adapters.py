@@ -244,9 +244,9 @@ def _random_lora(
         # An anchored regex: a name list would also match every module whose name ends in one.
         target_modules="|".join(f"(?:{re.escape(name)})" for name in names),
         init_lora_weights=False,
-        # Anchored too: a bare key would also match every module whose name ends in it.
-        rank_pattern={f"^{re.escape(k)}$": v for k, v in (rank_pattern or {}).items()},
-        alpha_pattern={f"^{re.escape(k)}$": v for k, v in (alpha_pattern or {}).items()},
+        # Full module names, as trainers write them (PEFT matches a key as a name suffix).
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
         use_dora=use_dora,
     )
     inject_adapter_in_model(config, skeleton)

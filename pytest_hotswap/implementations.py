@@ -151,6 +151,15 @@ class DiffusersImplementation(Implementation):
             verified={"diffusers": "==0.42.1", "peft": "==0.21.2"},
         ),
         KnownDefect(
+            "catalog_rank_pattern",
+            "an adapter with per-layer ranks (rank 4, rank 64 on three layers, alpha 4) "
+            "hotswapped by load_lora_weights(hotswap=True) into a pipeline prepared for rank 64 "
+            "does not give the output of a plain load of the same file (with the pattern at 16 "
+            "or 32 under max rank 32 it does: the per-layer ranks scenario)",
+            KnownDefect.WRONG_OUTPUT,
+            verified={"diffusers": "==0.42.1", "peft": "==0.21.2"},
+        ),
+        KnownDefect(
             "other_tuner",
             "PEFT refuses a DoRA adapter in a hotswap, then diffusers' load_lora_adapter deletes "
             "the loaded adapter: the next call recompiles and runs without any LoRA",

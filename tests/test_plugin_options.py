@@ -257,3 +257,33 @@ def test_loading_the_plugin_and_help_import_no_torch(pytester: pytest.Pytester) 
     )
     result = pytester.run(sys.executable, "-c", code)
     result.stdout.fnmatch_lines(["HEAVY [] []"])
+
+
+PLAIN_SUITE_CONFTEST = """
+import sys
+
+
+def pytest_sessionfinish(session):
+    heavy = sorted(m for m in ("torch", "diffusers", "peft") if m in sys.modules)
+    print("HEAVY", ",".join(heavy) or "none")
+"""
+
+
+def test_a_session_that_uses_no_hotswap_feature_never_imports_torch(
+    pytester: pytest.Pytester,
+) -> None:
+    """An installed plugin costs nothing where it is not used: no torch import, no resolving
+    ``auto`` device (``make bench`` measures the whole-process difference)."""
+    pytester.makeconftest(PLAIN_SUITE_CONFTEST)
+    pytester.makepyfile(
+        test_plain="import pytest\n\n@pytest.mark.parametrize('n', range(5))\ndef test_n(n):\n    assert n < 5\n"
+    )
+    result = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=5)
+    result.stdout.fnmatch_lines(["*hotswap: * device=auto dtype=auto*", "*HEAVY none"])
+    # The negative control: a marked test is hotswap use, and watching it needs torch.
+    pytester.makepyfile(
+        test_marked="import pytest\n\n@pytest.mark.no_recompile\ndef test_it():\n    pass\n"
+    )
+    marked = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider", "test_marked.py")
+    marked.stdout.fnmatch_lines(["*HEAVY torch"])

@@ -18,6 +18,7 @@ SCENARIOS = {
     "rank_over_max": "rank > max rank (rejected)",
     "different_alpha": "different alpha",
     "subset_targets": "subset of targets",
+    "per_layer_ranks": "per-layer ranks (rank_pattern)",
     "superset_targets": "superset of targets (rejected)",
     "disjoint_targets": "disjoint targets (union padding)",
     "text_encoder_keys": "text-encoder keys (rejected)",
@@ -156,15 +157,16 @@ def eager_output(
     pairs = list(loras) if isinstance(loras, list) else [(loras, scale)]
     session = session_of(config)
     outputs = _EAGER_OUTPUTS.setdefault(id(session), {})
-    key = (pipeline.name, pipeline.options, tuple((str(lora), weight) for lora, weight in pairs))
+    source = pipeline.source or pipeline.name
+    key = (source, pipeline.options, tuple((str(lora), weight) for lora, weight in pairs))
     if key in outputs:
         return outputs[key]
-    spec = _EAGER_SPECS.get((id(session), pipeline.name, pipeline.options))
+    spec = _EAGER_SPECS.get((id(session), source, pipeline.options))
     if spec is None:
-        spec = session.build_spec(pipeline.name, pipeline.options)
+        spec = session.build_spec(source, pipeline.options)
         pipelines.quantize_denoiser(spec.denoiser, pipeline.options.quantize)
         if spec.has_lora_loader:  # reusable: its adapters can be unloaded
-            _EAGER_SPECS[(id(session), pipeline.name, pipeline.options)] = spec
+            _EAGER_SPECS[(id(session), source, pipeline.options)] = spec
     names = []
     try:
         for index, (lora, _) in enumerate(pairs):

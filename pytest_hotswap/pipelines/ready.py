@@ -38,6 +38,9 @@ class HotswapPipeline:
     options: HotswapOptions
     first_lora: LoraSource
     preparation: Preparation = dataclasses.field(default_factory=lambda: Preparation(0))
+    #: What it was built from, as ``--hotswap-pipelines`` names it (a folder path, say); the
+    #: ``name`` is the label reports show.
+    source: str | None = None
     current_lora: LoraSource | None = dataclasses.field(init=False)
     swaps: int = dataclasses.field(default=0, init=False)
     _strength: dict[int | None, float] = dataclasses.field(default_factory=dict, init=False)

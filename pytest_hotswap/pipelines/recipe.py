@@ -248,12 +248,21 @@ def loadable(lora: LoraSource) -> str | dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def quiet_diffusers() -> Iterator[None]:
-    """Silence diffusers' warnings: every SD load logs 'No LoRA keys associated to CLIPTextModel'."""
+    """Silence diffusers' warnings (every SD load logs 'No LoRA keys associated to
+    CLIPTextModel') and the progress bars diffusers and transformers show while loading."""
     from diffusers.utils import logging
+    from transformers.utils import logging as transformers_logging
 
     verbosity = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(verbosity)
+        if bars[0]:
+            logging.enable_progress_bar()
+        if bars[1]:
+            transformers_logging.enable_progress_bar()

@@ -155,10 +155,16 @@ def saved_spec(saved: SavedPipeline, options: HotswapOptions) -> PipelineSpec:
     """
     from diffusers import DiffusionPipeline
 
+    from pytest_hotswap.pipelines.recipe import quiet_diffusers
+
     options = options.resolved()
-    pipe = DiffusionPipeline.from_pretrained(
-        str(saved.folder), local_files_only=True, torch_dtype=getattr(torch, options.dtype)
-    )
+    with quiet_diffusers():
+        pipe = DiffusionPipeline.from_pretrained(
+            str(saved.folder),
+            local_files_only=True,
+            torch_dtype=getattr(torch, options.dtype),
+            **dict.fromkeys(saved.missing),  # saved as null: diffusers wants them passed as None
+        )
     pipe = pipe.to(options.device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)

@@ -27,6 +27,7 @@ class SavedPipeline:
     source: str  # as given in --hotswap-pipelines
     folder: Path
     denoiser: str  # "transformer" or "unet"
+    missing: tuple[str, ...] = ()  # components saved as null (a tokenizer-free tiny pipeline)
 
     @property
     def label(self) -> str:
@@ -70,7 +71,8 @@ def find_saved_pipeline(source: str) -> SavedPipeline:
             f"{source!r}: the pipeline in {folder} has no denoiser (no {' or '.join(DENOISER_NAMES)} "
             "component in model_index.json); LoRA hotswapping needs a UNet or transformer"
         )
-    return SavedPipeline(source, folder, denoiser)
+    missing = tuple(name for name, value in components.items() if value == [None, None])
+    return SavedPipeline(source, folder, denoiser, missing)
 
 
 def _is_component(value: Any) -> bool:

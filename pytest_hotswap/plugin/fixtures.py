@@ -118,7 +118,9 @@ class LoraFactory:
         text_encoder: bool = False,
         fmt: str = "diffusers",
         seed: int = 0,
+        **extra: Any,
     ) -> Path:
+        """``extra``: ``rank_pattern``, ``alpha_pattern``, ``use_dora`` (see ``make_lora``)."""
         from pytest_hotswap.adapters import make_lora
         from pytest_hotswap.pipelines import HotswapPipeline
 
@@ -225,7 +227,7 @@ class PipelineCache:
                 targets=configuration.first_targets,
                 text_encoder=configuration.text_encoder,
             )
-        return build_hotswap_pipeline(
+        pipeline = build_hotswap_pipeline(
             spec,
             implementation,
             first,
@@ -234,6 +236,8 @@ class PipelineCache:
             text_encoder=configuration.text_encoder,
             slots=configuration.slots,
         )
+        pipeline.source = configuration.name
+        return pipeline
 
 
 def _reusable(pipeline: HotswapPipeline) -> bool:
