@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: venv test conformance bench bench-smoke lint format clean
+.PHONY: venv test conformance stacks bench bench-smoke lint format clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,13 @@ conformance: venv
 	$(BIN)/python -m pytest -q --pyargs pytest_hotswap.conformance \
 		--hotswap-backend=inductor --hotswap-max-rank=128 $(ARGS)
 
+# The conformance suite on the oldest supported, the pinned and the newest stacks (nox, one
+# virtualenv each, uv when available), then one table: what changes if we upgrade. TORCH=2.14.1
+# adds a torch axis (a CUDA build of several GB: not run in CI).
+stacks: venv
+	$(BIN)/python -m pip install --quiet 'nox>=2024.4' 'uv>=0.5'
+	TORCH=$(or $(TORCH),2.13.0) $(BIN)/nox -f noxfile.py $(ARGS)
+
 bench: venv
 	$(BIN)/python -m pytest_hotswap.bench --out bench-results $(ARGS)
 
@@ -39,4 +46,4 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache bench-results
+	rm -rf $(VENV) .cache .pytest_cache .nox reports bench-results

@@ -240,6 +240,49 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 1 if comparison.failed else 0
 
 
+# --- stacks: one table from the conformance reports of several stacks ----------------------------
+
+
+def stack_table(reports: dict[str, Report]) -> list[str]:
+    """Stack by scenario: one row per (scenario, pipeline-implementation) cell, one column per
+    stack, then what changes between stacks (the answer to "what changes if we upgrade?")."""
+    from pytest_hotswap.report import format_table
+
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for name, report in reports.items():
+        matrix = report.extra.get("conformance")
+        if not isinstance(matrix, dict):
+            raise ReportError(f"{name}: no conformance matrix in it (run the conformance suite)")
+        for row in matrix.get("rows", []):
+            for column, verdict in row["results"].items():
+                cells.setdefault((row["scenario"], column), {})[name] = verdict
+    names = list(reports)
+    lines = []
+    for name, report in reports.items():
+        stack = report.extra["conformance"].get("stack") or report.versions
+        lines.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in stack.items()))
+    rows = [[s, c, *(v.get(n, "-") for n in names)] for (s, c), v in cells.items()]
+    lines += format_table(["scenario", "column", *names], rows, indent="")
+    changed = [row for row in rows if len(set(row[2:])) > 1]
+    lines.append(f"{len(changed)} cells differ between stacks" + (":" if changed else ""))
+    for row in changed:
+        steps = ", ".join(
+            f"{name}: {verdict}" for name, verdict in zip(names, row[2:], strict=True)
+        )
+        lines.append(f"  {row[0]} [{row[1]}]: {steps}")
+    return lines
+
+
+def _cmd_stacks(args: argparse.Namespace) -> int:
+    try:
+        reports = {path.stem: Report.load(path) for path in args.reports}
+        print("\n".join(stack_table(reports)))
+    except ReportError as error:
+        print(f"pytest-hotswap stacks: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _thresholds(text: str) -> tuple[Threshold, ...]:
     try:
         return parse_fail_on(text)
@@ -304,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--layers", action="store_true", help="List every targeted layer")
     insp.add_argument("--json", action="store_true", help="Print JSON for machines")
     insp.set_defaults(run=_cmd_inspect)
+
+    stk = commands.add_parser(
+        "stacks",
+        help="One table from the conformance reports of several stacks (make stacks)",
+        description="Combine --hotswap-report files of conformance runs on different stacks: "
+        "scenario by stack, then every cell that differs between stacks. A report's name is "
+        "its file name without .json",
+    )
+    stk.add_argument("reports", nargs="+", type=Path, metavar="REPORT", help="Conformance reports")
+    stk.set_defaults(run=_cmd_stacks)
     return parser
 
 

@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pytest_hotswap.stacks import KnownDefect
+from pytest_hotswap.stacks import PINNED, VERIFIED, KnownDefect
 
 if TYPE_CHECKING:
     from pytest_hotswap.pipelines import HotswapPipeline, LoraSource, PipelineSpec
@@ -134,21 +134,21 @@ class DiffusersImplementation(Implementation):
             "diffusers/PEFT do not refuse an adapter above enable_lora_hotswap(target_rank): the "
             "LoRA parameter silently grows and the next call recompiles",
             KnownDefect.NOT_REJECTED,
-            verified={"diffusers": "==0.42.1", "peft": "==0.21.2"},
+            verified=VERIFIED,
         ),
         KnownDefect(
             "superset_targets",
             "PEFT refuses keys the first adapter lacks, then diffusers' load_lora_adapter deletes "
             "the loaded adapter: the next call recompiles and runs without any LoRA",
             KnownDefect.MODEL_CHANGED,
-            verified={"diffusers": "==0.42.1", "peft": "==0.21.2"},
+            verified=VERIFIED,
         ),
         KnownDefect(
             "text_encoder_keys",
             "load_lora_weights(hotswap=True) swaps the denoiser first and fails on the "
             "text-encoder keys only afterwards: the model is left half-swapped",
             KnownDefect.MODEL_CHANGED,
-            verified={"diffusers": "==0.42.1", "peft": "==0.21.2"},
+            verified=VERIFIED,
         ),
         KnownDefect(
             "catalog_rank_pattern",
@@ -157,21 +157,21 @@ class DiffusersImplementation(Implementation):
             "does not give the output of a plain load of the same file (with the pattern at 16 "
             "or 32 under max rank 32 it does: the per-layer ranks scenario)",
             KnownDefect.WRONG_OUTPUT,
-            verified={"diffusers": "==0.42.1", "peft": "==0.21.2"},
+            verified=PINNED,
         ),
         KnownDefect(
             "other_tuner",
             "PEFT refuses a DoRA adapter in a hotswap, then diffusers' load_lora_adapter deletes "
             "the loaded adapter: the next call recompiles and runs without any LoRA",
             KnownDefect.MODEL_CHANGED,
-            verified={"diffusers": "==0.42.1", "peft": "==0.21.2"},
+            verified=PINNED,
         ),
         KnownDefect(
             "strength_change",
             "diffusers changes LoRA strength through a Python float (the `scale` call argument): "
             "every new value recompiles",
             KnownDefect.RECOMPILES,
-            verified={"diffusers": "==0.42.1", "peft": "==0.21.2"},
+            verified=VERIFIED,
         ),
     )
 

@@ -45,7 +45,7 @@ METRICS = (
 # Used when a baseline is given without thresholds: nothing may recompile more than it used to.
 DEFAULT_FAIL_ON = "recompiles:+0%,graph_breaks:+0%"
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
-_VERSIONED = ("torch", "diffusers", "peft", "transformers", "pytest-hotswap")
+_VERSIONED = ("torch", "diffusers", "peft", "transformers", "torchao", "pytest-hotswap")
 
 
 class ReportError(ValueError):

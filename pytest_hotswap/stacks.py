@@ -9,7 +9,7 @@ defect that no longer reproduces reads "fixed upstream?" and does not fail the r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from typing import ClassVar
 
@@ -19,11 +19,17 @@ from packaging.version import InvalidVersion, Version
 #: The oldest releases the fixtures, the marker and the reference were run on (``make stacks``);
 #: ``pyproject.toml`` declares the same bounds.
 MINIMUM_VERSIONS: dict[str, str] = {
-    "torch": "2.13.0",
-    "diffusers": "0.35.0",
-    "peft": "0.17.0",
-    "transformers": "4.48.0",
+    "torch": "2.13.0",  # isolate_recompiles; the only CPU build reachable here
+    "diffusers": "0.40.0",  # 0.32-0.39 cannot load a LoRA file offline without a weight_name
+    "peft": "0.20.0",  # older: hotswapping a too-large rank fails differently; <=0.17 no transformers 5
+    "transformers": "5.0.0",  # 4.x needs huggingface-hub < 1.0, diffusers >= 0.40 needs >= 1.23
 }
+#: Optional packages: checked only when installed. PEFT >= 0.19 refuses torchao < 0.16 on every
+#: LoRA injection, and torchao 0.12 does not import on torch 2.13.
+OPTIONAL_MINIMUM_VERSIONS: dict[str, str] = {"torchao": "0.16.0"}
+#: The ranges the known defects were reproduced on (``make stacks``: oldest, pinned, newest).
+VERIFIED = {"diffusers": ">=0.40,<=0.42.1", "peft": ">=0.20,<=0.21.2"}
+PINNED = {"diffusers": "==0.42.1", "peft": "==0.21.2"}
 #: The packages that make a stack, in the order the header names them.
 STACK_PACKAGES = ("torch", "diffusers", "peft", "transformers", "torchao")
 
@@ -46,16 +52,18 @@ def installed_stack() -> dict[str, str]:
 
 
 def too_old(stack: Mapping[str, str] | None = None) -> list[str]:
-    """One message per package older than :data:`MINIMUM_VERSIONS` (or missing), naming the
-    package, the version found and the one needed."""
+    """One message per package older than :data:`MINIMUM_VERSIONS` (or missing) or than
+    :data:`OPTIONAL_MINIMUM_VERSIONS` (when installed), naming the package, the version found and
+    the one needed."""
     stack = installed_stack() if stack is None else stack
     problems = []
-    for package, minimum in MINIMUM_VERSIONS.items():
+    for package, minimum in {**MINIMUM_VERSIONS, **OPTIONAL_MINIMUM_VERSIONS}.items():
         found = stack.get(package)
         if found is None:
-            problems.append(
-                f"{package} is not installed; pytest-hotswap needs {package}>={minimum}"
-            )
+            if package in MINIMUM_VERSIONS:
+                problems.append(
+                    f"{package} is not installed; pytest-hotswap needs {package}>={minimum}"
+                )
         elif _release(found) < Version(minimum):
             problems.append(
                 f"{package} {found} is installed; pytest-hotswap needs {package}>={minimum} "
@@ -122,3 +130,9 @@ class KnownDefect:
 def describe_stack(stack: Mapping[str, str] | None = None) -> str:
     stack = installed_stack() if stack is None else stack
     return ", ".join(f"{package} {version}" for package, version in stack.items())
+
+
+def verified_stack(defects: Iterable[KnownDefect], stack: Mapping[str, str] | None = None) -> bool:
+    """Whether the stack is inside the verified ranges of every known defect given."""
+    stack = installed_stack() if stack is None else stack
+    return all(defect.verified_on(stack) for defect in defects)

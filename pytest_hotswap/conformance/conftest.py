@@ -345,10 +345,12 @@ def write_matrix(tr: Any, cells: dict[tuple[str, str], str], config: pytest.Conf
 
 
 def _stack_verified(session: Any) -> str:
+    from pytest_hotswap.stacks import verified_stack
+
     defects = [d for name in session.options.implementations for d in _known(session, name)]
     if not defects:
         return "no known defects to verify"
-    if all(defect.verified_on() for defect in defects):
+    if verified_stack(defects):
         return "verified: the known defects were reproduced on these versions"
     return (
         "not verified: known defects are expected loosely, a vanished one reads 'fixed upstream?'"

@@ -91,7 +91,7 @@ class HotswapSession:
         return self._catalog
 
     def header(self) -> list[str]:
-        from pytest_hotswap.stacks import describe_stack
+        from pytest_hotswap.stacks import describe_stack, verified_stack
 
         o = self.options
         rank = f"{o.max_rank}" + (
@@ -103,7 +103,18 @@ class HotswapSession:
             f"implementations={','.join(o.implementations)}"
         )
         flags = "".join(f" {flag}" for flag in ("strict", "fresh") if getattr(o, flag))
-        lines = [f"hotswap: {describe_stack()} | {settings}{flags}"]
+        defects = [
+            d
+            for name in o.implementations
+            if name in self.implementations
+            for d in self.implementations[name].known_defects
+        ]
+        verified = (
+            "verified"
+            if verified_stack(defects)
+            else "not verified: known defects expected loosely"
+        )
+        lines = [f"hotswap: {describe_stack()} ({verified}) | {settings}{flags}"]
         if o.adapters is not None:
             lines.append(f"hotswap catalog: {o.adapters}")
         return lines
@@ -119,12 +130,22 @@ class HotswapSession:
             raise pytest.UsageError(f"--hotswap-implementations={given}: {error}") from None
 
     def collect(self, items: list[pytest.Item]) -> None:
-        """Read every item's ``no_recompile`` marker; decide whether this session uses hotswap."""
+        """Read every item's ``no_recompile`` marker; decide whether this session uses hotswap.
+
+        A session that does needs the stack pytest-hotswap was run on: an older torch, diffusers,
+        PEFT or transformers is a usage error naming the package and both versions.
+        """
         for item in items:
             allowance, fresh = no_recompile_marker(item, self.options.strict, self.options.fresh)
             if allowance is not None or _uses_fixtures(item):
                 item.stash[ITEM_KEY] = WatchedTest(allowance, fresh)
                 self.uses_hotswap = True
+        if self.uses_hotswap:
+            from pytest_hotswap.stacks import too_old
+
+            problems = too_old()
+            if problems:
+                raise pytest.UsageError("pytest-hotswap: " + "; ".join(problems))
 
     def isolate(self) -> None:
         """Give every ``torch.compile`` call its own cache entries, once torch is in use.

@@ -1,0 +1,164 @@
+"""The conformance suite on several dependency stacks, each in its own virtual environment.
+
+    nox -s oldest pinned newest combine      # what `make stacks` would run
+    nox -s newest -- -k same_rank            # extra pytest arguments go after `--`
+    TORCH=2.14.1 nox -s newest               # a torch axis: other builds here are multi-GB CUDA wheels
+
+Every stack installs torch==$TORCH (default 2.13.0, the only CPU wheel on this machine's disk) as a
+requirement and a constraint, so no resolver can swap in another torch build. Each session writes
+reports/stacks/<stack>.json (the plugin's --hotswap-report, with the stack's versions); `combine`
+prints one table, stack by scenario, and the cells that differ (`pytest-hotswap stacks`).
+
+uv is the virtualenv backend when installed (venvs + installs in seconds instead of ~100 s with pip);
+it does not read pip's configuration, so pip's find-links / extra-index-url are passed to it and
+--index-strategy unsafe-best-match gives pip's "best version over all indexes" behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+REPORTS = ROOT / "reports" / "stacks"
+TORCH = os.environ.get("TORCH", "2.13.0")
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["oldest", "pinned", "newest", "combine"]
+
+#: name -> (requirements, use constraints.txt, pytest options). The oldest stack is the oldest set
+#: measured to pass the suite unchanged on torch 2.13.0 with HF_HUB_OFFLINE=1 (see the
+#: README, "Verified stacks"); `floor`, not run by default, is the oldest on which fixtures, marker
+#: and reference work, PEFT < 0.20 showing the rank > max rank defect differently.
+STACKS: dict[str, tuple[list[str], bool, list[str]]] = {
+    "oldest": (
+        ["diffusers==0.40.0", "peft==0.20.0", "transformers==5.0.0", "torchao==0.16.0"],
+        False,
+        ["--hotswap-backend=eager", "--hotswap-max-rank=32"],
+    ),
+    "floor": (
+        ["diffusers==0.40.0", "peft==0.18.0", "transformers==5.0.0", "torchao==0.17.0"],
+        False,
+        ["--hotswap-backend=eager", "--hotswap-max-rank=32"],
+    ),
+    "pinned": ([], True, ["--hotswap-backend=inductor", "--hotswap-max-rank=128"]),
+    "newest": (
+        ["diffusers", "peft", "transformers", "torchao"],
+        False,
+        ["--hotswap-backend=eager", "--hotswap-max-rank=32"],
+    ),
+}
+
+ENV = {
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TORCHINDUCTOR_CACHE_DIR": str(ROOT / ".cache" / "inductor"),
+}
+
+
+def _pip_config() -> dict[str, str]:
+    """pip's effective settings (global, user, site and PIP_* env), keys without their scope."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+    except OSError:
+        return {}
+    values: dict[str, str] = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.rsplit(".", 1)[-1]] = value.strip().strip("'\"")
+    return values
+
+
+def _uv_flags() -> list[str]:
+    """The pip index settings, spelled for `uv pip install`."""
+    config = _pip_config()
+    flags = ["--index-strategy", "unsafe-best-match"]
+    if "index-url" in config:
+        flags += ["--index-url", config["index-url"]]
+    for url in config.get("extra-index-url", "").split():
+        flags += ["--extra-index-url", url]
+    for path in config.get("find-links", "").split():
+        flags += ["--find-links", path]
+    return flags
+
+
+def _constraints(session: nox.Session, pinned: bool) -> Path:
+    """torch==$TORCH, plus constraints.txt (its torch line replaced) for the pinned stack."""
+    lines = [f"torch=={TORCH}"]
+    if pinned:
+        lines += [
+            line
+            for line in (ROOT / "constraints.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#") and not line.lower().startswith("torch==")
+        ]
+    path = Path(session.create_tmp()) / "constraints.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _run_stack(session: nox.Session, name: str) -> None:
+    requirements, pinned, options = STACKS[name]
+    flags = _uv_flags() if session.venv_backend == "uv" else []
+    upgrade = ["--upgrade"] if name == "newest" else []
+    session.install(
+        *flags,
+        *upgrade,
+        "-c",
+        str(_constraints(session, pinned)),
+        "-e",
+        ".[quant]",
+        "pytest",
+        f"torch=={TORCH}",
+        *requirements,
+    )
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "--pyargs",
+        "pytest_hotswap.conformance",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        *options,
+        f"--hotswap-report={REPORTS / f'{name}.json'}",
+        *session.posargs,
+        env=ENV,
+    )
+
+
+def _make_session(name: str):
+    def session_func(session: nox.Session) -> None:
+        _run_stack(session, name)
+
+    session_func.__doc__ = (
+        f"Conformance suite on the {name} stack: {STACKS[name][0] or 'constraints.txt'}"
+    )
+    return nox.session(name=name)(session_func)
+
+
+for _name in STACKS:
+    globals()[f"stack_{_name}"] = _make_session(_name)
+
+
+@nox.session(venv_backend="none")
+def combine(session: nox.Session) -> None:
+    """One table from reports/stacks/*.json: stack by scenario, then the cells that differ."""
+    reports = [REPORTS / f"{name}.json" for name in STACKS if (REPORTS / f"{name}.json").exists()]
+    if not reports:
+        session.error(f"no reports in {REPORTS}; run the stack sessions first")
+    session.run(
+        sys.executable, "-m", "pytest_hotswap.cli", "stacks", *map(str, reports), external=True
+    )
