@@ -19,7 +19,10 @@ exactly, and turning it back on needs no copy of its weights), and PEFT's layer 
 they are. The alternative, one LoRA of rank ``N * max_rank`` holding all slots, saves kernel
 launches on the forward but must bake each weight into ``B`` (a weight change rewrites weights,
 weight 0 loses them) and sums in another order than diffusers. The cost: each slot is a full
-padded LoRA branch on the forward (measured in the issue's report: roughly N times the LoRA cost).
+padded LoRA branch on the forward. Measured eager, 1 thread, padded to 128, forward time relative
+to one slot for N = 2 / 4: 1.39x / 2.19x on the Flux-depth shape (19+38 blocks, hidden 128, where
+one slot already costs 1.7x the LoRA-free forward), 1.05x / 1.15x on Flux widths (hidden 3072),
+1.23x / 1.74x on the tiny Flux.
 """
 
 from __future__ import annotations
