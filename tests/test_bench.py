@@ -40,7 +40,7 @@ ROW_KEYS = {
     "padding_overhead": {"model", "padded_to", "forward_ms", "x_unpadded"},
     "end_to_end": {"run", "swap", "reads_file_per_swap", "seconds", "recompiles"},
     "plugin_overhead": {"case", "unit", "without_ms", "with_ms", "overhead_ms"},
-    "installed_plugin": {"run", "wall_ms", "peak_mib", "torch_imported"},
+    "installed_plugin": {"run", "wall_ms", "cpu_ms", "peak_mib", "torch_imported"},
     "slots": {"model", "slots", "forward_ms", "forward_x_one_slot", "swap_ms", "swap_x_one_slot"},
 }
 #: A timed value in the JSON: its median and its spread.

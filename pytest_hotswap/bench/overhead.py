@@ -43,6 +43,9 @@ from pytest_hotswap.watch import CompileWatcher
 from pytest_hotswap.watch.caches import snapshot
 
 CALLS_PER_TEST = 20
+#: Rounds of the per-call comparisons: a per-call difference is small next to a burst of load,
+#: so many short rounds (2 x repeats calls in all) rather than a few long ones.
+PER_CALL_ROUNDS = 20
 #: Variants of the subprocess test: marker (None: unmarked).
 TEST_VARIANTS = {
     "plain": None,
@@ -154,7 +157,7 @@ def _watched_blocks(
     forward: Callable[[], None], config: BenchConfig
 ) -> tuple[list[list[float]], list[list[float]]]:
     """Per round, calls timed one by one outside a watcher, then inside one (order alternates)."""
-    rounds, per_round = split(max(config.repeats * 2, 10), max_rounds=7)
+    rounds, per_round = split(max(config.repeats * 2, 10), max_rounds=PER_CALL_ROUNDS)
 
     def block(watched: bool) -> list[float]:
         scope = CompileWatcher() if watched else contextlib.nullcontext()
@@ -217,7 +220,10 @@ def _in_process(config: BenchConfig) -> list[dict[str, Any]]:
     rows.append(_row("watcher scope enter + exit", "per test", "-", pooled(scopes), pooled(scopes)))
 
     calls = interleaved(
-        {"shared": shared, "isolated": isolated}, config.device, max(config.repeats * 2, 10)
+        {"shared": shared, "isolated": isolated},
+        config.device,
+        max(config.repeats * 2, 10),
+        max_rounds=PER_CALL_ROUNDS,
     )
     rows.append(
         _row(

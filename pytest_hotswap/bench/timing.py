@@ -47,7 +47,7 @@ def stat_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1
     return Stat.of(samples_ms(fn, device, repeats, warmup))
 
 
-def split(repeats: int, max_rounds: int = 6) -> tuple[int, int]:
+def split(repeats: int, max_rounds: int = 10) -> tuple[int, int]:
     """``(rounds, calls per round)`` giving at least ``repeats`` timed calls per candidate."""
     rounds = max(1, min(repeats, max_rounds))
     return rounds, math.ceil(repeats / rounds)
@@ -59,7 +59,7 @@ def interleaved(
     repeats: int,
     *,
     warmup: int = 1,
-    max_rounds: int = 6,
+    max_rounds: int = 10,
 ) -> Rounds:
     """Time every candidate ``repeats`` times (at least), in rounds that rotate the order."""
     for fn in candidates.values():
