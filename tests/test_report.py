@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pytest_hotswap.report import (
     SCHEMA_VERSION,
@@ -363,3 +366,69 @@ def test_check_writable_creates_folders_and_refuses_a_directory(tmp_path):
     assert (tmp_path / "a" / "b").is_dir()
     with pytest.raises(ReportError, match="is a directory; give a file path"):
         check_writable(tmp_path)
+
+
+# --- Fuzz: any JSON is a report or a ReportError, never a traceback ----------------------------
+
+_EXAMPLES = int(os.environ.get("HOTSWAP_FUZZ_EXAMPLES", "150"))
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+_FIELDS = st.sampled_from(
+    [
+        "nodeid",
+        "outcome",
+        "compiles",
+        "recompiles",
+        "cache_switches",
+        "compile_s",
+        "swaps",
+        "events",
+        "context",
+    ]
+)
+
+
+@st.composite
+def _mutated_reports(draw):
+    """A valid report with one field of one test replaced by arbitrary JSON."""
+    test = {"nodeid": "t.py::test", "outcome": "passed", "compiles": 1, "recompiles": 0}
+    test[draw(_FIELDS)] = draw(_JSON)
+    top = {"schema_version": 1, "tests": [test]}
+    if draw(st.booleans()):
+        top[
+            draw(
+                st.sampled_from(["schema_version", "tests", "versions", "xdist_workers", "created"])
+            )
+        ] = draw(_JSON)
+    return top
+
+
+@settings(max_examples=_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_JSON, _mutated_reports()))
+def test_any_json_is_a_report_or_a_report_error(data):
+    try:
+        report = Report.from_dict(data)
+    except ReportError as error:
+        assert str(error)  # a message that names what is wrong
+        return
+    # What loads, compares: every metric a threshold reads is a number or None.
+    for test in report.tests:
+        for metric in (
+            "compiles",
+            "recompiles",
+            "cache_switches",
+            "layout_changes",
+            "graph_breaks",
+            "compile_s",
+        ):
+            assert isinstance(test.metric(metric), (int, float)) and test.metric(metric) >= 0
+    compare(report, report, parse_fail_on("recompiles:0,compile_s:+50%,swap_ms:+10%"))

@@ -181,14 +181,55 @@ def test_report_then_baseline_passes_then_a_recompile_fails_with_the_table(proje
             "add --hotswap-baseline=PATH*",
         ),
         (["--hotswap-baseline={path}/b.json", "--hotswap-fail-on=speed:+5%"], "ERROR: *speed:+5%*"),
+        (
+            ["--hotswap-baseline={path}/b.json", "--hotswap-fail-on=recompiles:+50"],
+            "ERROR: *growth needs a percent sign (recompiles:+50%); a cap has no plus sign*",
+        ),
+        (
+            ["--hotswap-baseline={path}/list.json"],
+            "ERROR: --hotswap-baseline: {path}/list.json: a report must be a JSON object, got a "
+            "JSON list. Write one with --hotswap-report=PATH",
+        ),
+        (
+            ["--hotswap-baseline={path}/types.json"],
+            "ERROR: --hotswap-baseline: {path}/types.json: test 't.py::x': 'recompiles' must be an "
+            'integer >= 0, got "3"*',
+        ),
+        (
+            ["--hotswap-report={path}"],
+            "ERROR: --hotswap-report: {path}: is a directory; give a file path like *",
+        ),
+    ],
+    ids=[
+        "missing baseline",
+        "not JSON",
+        "fail-on without baseline",
+        "unknown metric",
+        "growth without %",
+        "baseline a list",
+        "baseline field types",
+        "report a directory",
     ],
 )
 def test_usage_errors(pytester, args, message):
     pytester.makepyfile(test_a="def test_a(): pass")
     (pytester.path / "b.json").write_text(json.dumps({"schema_version": 1, "tests": []}))
+    (pytester.path / "list.json").write_text("[]")
+    test = {"nodeid": "t.py::x", "outcome": "passed", "recompiles": "3"}
+    (pytester.path / "types.json").write_text(json.dumps({"schema_version": 1, "tests": [test]}))
     result = pytester.runpytest(*(arg.format(path=pytester.path) for arg in args))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message.format(path=pytester.path)])
+    assert not list(pytester.path.glob("*.tmp")) and not list(pytester.path.glob(".*.tmp"))
+
+
+def test_a_report_in_a_missing_folder_is_written_there(pytester):
+    pytester.makepyfile(test_a="def test_a(compile_watcher): pass")
+    target = pytester.path / "out" / "deeper" / "hotswap.json"
+    result = pytester.runpytest(f"--hotswap-report={target}")
+    result.assert_outcomes(passed=1)
+    assert json.loads(target.read_text())["tests"][0]["nodeid"] == "test_a.py::test_a"
+    assert [p.name for p in target.parent.iterdir()] == ["hotswap.json"]
 
 
 @pytest.mark.parametrize("xdist", [None, "0", "2"], ids=["no-xdist", "n0", "n2"])
