@@ -401,9 +401,7 @@ class CatalogCase:
         if FEATURE_TARGETS not in implementation.features:
             extra = [k for k in header.denoiser_keys if k not in self.first.header.layers]
             if extra:
-                reason = (
-                    f"targets {len(extra)} layers {self.first.name} does not (no union padding)"
-                )
+                reason = f"targets {len(extra)} layers beyond the first file"
                 return "superset_targets", reason, "UnexpectedTargetsError"
         return None
 
