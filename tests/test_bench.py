@@ -163,6 +163,7 @@ def test_smoke_measures_the_installed_plugin_and_slots(smoke) -> None:
     assert cases == [
         "compiled call in a watcher",
         "CompileWatcher.step",
+        "CompileWatcher.step, 5 more frames",
         "watcher scope enter + exit",
         "compiled call, isolate_recompiles=True",
         "no_recompile(fresh=True): reset + recompile",

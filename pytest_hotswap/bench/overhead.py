@@ -5,7 +5,8 @@ depend on the backend), in this process:
 
 * a compiled call inside a ``CompileWatcher`` against the same call outside one (per call);
 * ``CompileWatcher.step`` (per step: it reads dynamo's cache lists, ``watch.caches.snapshot``),
-  with a compiled call between steps as in a test that swaps;
+  with a compiled call between steps as in a test that swaps; again with ``EXTRA_FRAMES`` more
+  compiled frames in the process, since every step reads every frame's list;
 * a watcher scope's enter + exit (per test);
 * a call of a model compiled with ``isolate_recompiles=True`` against one compiled without
   (per call);
@@ -43,6 +44,8 @@ from pytest_hotswap.watch import CompileWatcher
 from pytest_hotswap.watch.caches import snapshot
 
 CALLS_PER_TEST = 20
+#: Frames compiled besides the model for the second ``step`` row (a suite's worth of them).
+EXTRA_FRAMES, SMOKE_EXTRA_FRAMES = 50, 5
 #: Rounds of the per-call comparisons: a per-call difference is small next to a burst of load,
 #: so many short rounds (2 x repeats calls in all) rather than a few long ones.
 PER_CALL_ROUNDS = 20
@@ -173,6 +176,36 @@ def _watched_blocks(
     return plain, watched
 
 
+def _steps(case: str, forward: Callable[[], None], config: BenchConfig) -> dict[str, Any]:
+    """``CompileWatcher.step`` inside a watcher, a compiled call between steps (as a swap)."""
+    rounds, per_round = split(config.repeats)
+    steps: list[list[float]] = []
+    with CompileWatcher() as watcher:
+        for r in range(rounds):
+            one_round = []
+            for i in range(per_round):
+                forward()
+                label = f"step {r}.{i}"
+                one_round.append(time_ms(functools.partial(watcher.step, label), "cpu"))
+            steps.append(one_round)
+    frames = len(snapshot())
+    detail = f"reads the cache lists of {frames} compiled frames"
+    return _row(case, "per step", "-", pooled(steps), pooled(steps), detail)
+
+
+def _compiled_frames(count: int) -> list[Callable[..., Any]]:
+    """``count`` small functions, each its own code object, compiled and called once: the frames
+    a suite that compiles many things leaves in dynamo's caches for every step to read."""
+    compiled = []
+    for i in range(count):
+        namespace: dict[str, Any] = {}
+        exec(f"def frame_{i}(x):\n    return x * {i} + 1\n", namespace)
+        fn = torch.compile(namespace[f"frame_{i}"], backend="eager", fullgraph=True)
+        fn(torch.ones(2))
+        compiled.append(fn)
+    return compiled
+
+
 def _in_process(config: BenchConfig) -> list[dict[str, Any]]:
     torch.compiler.reset()
     isolated = _compiled_tiny(config, isolate=True)
@@ -190,27 +223,9 @@ def _in_process(config: BenchConfig) -> list[dict[str, Any]]:
         )
     )
 
-    rounds, per_round = split(config.repeats)
-    steps: list[list[float]] = []
-    with CompileWatcher() as watcher:
-        for r in range(rounds):
-            one_round = []
-            for i in range(per_round):
-                isolated()
-                label = f"step {r}.{i}"
-                one_round.append(time_ms(functools.partial(watcher.step, label), "cpu"))
-            steps.append(one_round)
-    frames = len(snapshot())
-    rows.append(
-        _row(
-            "CompileWatcher.step",
-            "per step",
-            "-",
-            pooled(steps),
-            pooled(steps),
-            f"reads the cache lists of {frames} frames",
-        )
-    )
+    rows.append(_steps("CompileWatcher.step", isolated, config))
+    more = _compiled_frames(SMOKE_EXTRA_FRAMES if config.smoke else EXTRA_FRAMES)
+    rows.append(_steps(f"CompileWatcher.step, {len(more)} more frames", isolated, config))
 
     def enter_exit() -> None:
         with CompileWatcher():
