@@ -286,6 +286,8 @@ def parse_metadata(path: str, metadata: Mapping[str, str]) -> dict[str, Any] | N
         config = json.loads(raw)
     except json.JSONDecodeError as error:
         raise AdapterFileError(f"{path}: its {METADATA_KEY} is not JSON ({error})") from None
+    if config is None:  # diffusers reads null as "no metadata"
+        return None
     if not isinstance(config, dict):
         raise AdapterFileError(
             f"{path}: its {METADATA_KEY} is a JSON {type(config).__name__}, not an object of "
