@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: venv test conformance stacks bench bench-smoke lint format clean
+.PHONY: venv test conformance stacks bench bench-smoke gpu-check lint format clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,12 @@ bench: venv
 
 bench-smoke: venv
 	$(BIN)/python -m pytest_hotswap.bench --smoke --out bench-results/smoke $(ARGS)
+
+# One prepared script for a machine with one CUDA GPU and no network: the bench in GPU mode
+# (bf16, inductor max-autotune-no-cudagraphs and reduce-overhead) and the conformance suite on
+# cuda, everything under bench-results/gpu, < 8 minutes; fails loudly (exit 2) without a GPU.
+gpu-check: venv
+	$(BIN)/python -m pytest_hotswap.bench --gpu-check --out bench-results/gpu
 
 format: venv
 	$(BIN)/ruff format .

@@ -94,15 +94,6 @@ def _factory(factory: Any, pipeline: Any, **kwargs: Any) -> Any:
         pytest.skip(f"not supported: {error}")
 
 
-@pytest.fixture
-def discard_after(hotswap_pipeline_factory: Any):
-    """Drop a pipeline from the session cache after a test that may have broken it."""
-    pipelines: list[Any] = []
-    yield pipelines.append
-    for pipeline in pipelines:
-        hotswap_pipeline_factory.discard(pipeline)
-
-
 # --- Accepted adapters -----------------------------------------------------------------------
 
 
@@ -279,25 +270,22 @@ def test_slot_off_on(hotswap_pipeline, hotswap_pipeline_factory, lora_factory, p
 # --- Rejected adapters -----------------------------------------------------------------------
 
 
-def test_rank_over_max(hotswap_pipeline, lora_factory, discard_after):
-    discard_after(hotswap_pipeline)
+def test_rank_over_max(hotswap_pipeline, lora_factory):
     lora = lora_factory(hotswap_pipeline, rank=hotswap_pipeline.max_rank + 8, seed=20)
     assert_rejected(hotswap_pipeline, lora, hotswap_pipeline.impl.rejection("RankTooLargeError"))
 
 
-def test_superset_targets(hotswap_pipeline, hotswap_pipeline_factory, lora_factory, discard_after):
+def test_superset_targets(hotswap_pipeline, hotswap_pipeline_factory, lora_factory):
     pipeline = hotswap_pipeline_factory(
         hotswap_pipeline.name, hotswap_pipeline.implementation, first_targets="half"
     )
-    discard_after(pipeline)
     error = pipeline.impl.rejection("UnexpectedTargetsError")
     assert_rejected(pipeline, lora_factory(pipeline, rank=8, targets="all", seed=21), error)
 
 
-def test_text_encoder_keys(hotswap_pipeline, lora_factory, discard_after):
+def test_text_encoder_keys(hotswap_pipeline, lora_factory):
     if not hotswap_pipeline.spec.text_encoders():
         pytest.skip(f"n/a: {hotswap_pipeline.name} has no text encoder")
-    discard_after(hotswap_pipeline)
     lora = lora_factory(hotswap_pipeline, rank=8, text_encoder=True, seed=22)
     assert_rejected(hotswap_pipeline, lora, hotswap_pipeline.impl.rejection("TextEncoderLoraError"))
 
@@ -305,7 +293,7 @@ def test_text_encoder_keys(hotswap_pipeline, lora_factory, discard_after):
 # --- Your adapters: the catalog ---------------------------------------------------------------
 
 
-def test_catalog(catalog_case, hotswap_pipeline_factory, pytestconfig, request, discard_after):
+def test_catalog(catalog_case, hotswap_pipeline_factory, pytestconfig, request):
     """One file of the catalog, hotswapped into the catalog's pipeline and back to the first.
 
     The pipeline is padded to the catalog's max rank and, for the reference, onto the union of
@@ -329,7 +317,6 @@ def test_catalog(catalog_case, hotswap_pipeline_factory, pytestconfig, request, 
         defect = pipeline.impl.defect(scenario) if scenario else None
         if defect is not None:
             expect_defect(request, defect)
-        discard_after(pipeline)
         request.node.user_properties.append((VERDICT_PROPERTY, f"refused: {reason}"))
         assert_rejected(pipeline, entry.path, pipeline.impl.rejection(error))
         return

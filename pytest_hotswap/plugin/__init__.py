@@ -84,19 +84,16 @@ def pytest_configure(config: pytest.Config) -> None:
     session = HotswapSession(config)
     config.stash[SESSION_KEY] = session
     session.check_implementations()
-    config.pluginmanager.register(session.reporter, "hotswap-reporter")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
     if session is not None:
         session.close()
-        if config.pluginmanager.is_registered(session.reporter):
-            config.pluginmanager.unregister(session.reporter)
         del config.stash[SESSION_KEY]
 
 
-def pytest_report_header(config: pytest.Config) -> list[str]:
+def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
     return _session(config).header()
 
 

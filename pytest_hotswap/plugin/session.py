@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_hotswap import options as opts
-from pytest_hotswap.plugin.reporting import HotswapReporter
 
 if TYPE_CHECKING:
     from pytest_hotswap.catalog import Catalog
     from pytest_hotswap.implementations import ImplementationRegistry
     from pytest_hotswap.pipelines import PipelineSpec
     from pytest_hotswap.plugin.fixtures import LoraFactory, PipelineCache
+    from pytest_hotswap.plugin.reporting import HotswapReporter
     from pytest_hotswap.watch import CompileWatcher
 
 #: Fixtures whose use makes a test watched (besides every ``hotswap_*`` fixture).
@@ -55,7 +55,14 @@ class HotswapSession:
         self.options, self.max_rank_source = read_options(config)
         _check_pipelines(self.options.pipelines)
         self._catalog: Catalog | None = _read_catalog(self.options.adapters)
-        self.reporter = HotswapReporter(config, self.options)
+        self._reporter: HotswapReporter | None = None
+        if (
+            self.options.report
+            or self.options.baseline
+            or self.options.fail_on
+            or _xdist_controller(config)
+        ):
+            self.reporter  # noqa: B018 (checks the report options now: a usage error before any test)
         self.uses_hotswap = bool(self.options.strict)
         self._resolved: opts.HotswapOptions | None = None
         self._implementations: ImplementationRegistry | None = None
@@ -64,6 +71,17 @@ class HotswapSession:
         self._undo_isolation: Any = None
 
     # -- options ----------------------------------------------------------------------------------
+
+    @property
+    def reporter(self) -> HotswapReporter:
+        """The report's state, made (and registered as a plugin) when first needed: a session
+        with no watched test and no report option never imports the report's modules."""
+        if self._reporter is None:
+            from pytest_hotswap.plugin.reporting import HotswapReporter
+
+            self._reporter = HotswapReporter(self.config, self.options)
+            self.config.pluginmanager.register(self._reporter, "hotswap-reporter")
+        return self._reporter
 
     @property
     def resolved_options(self) -> opts.HotswapOptions:
@@ -91,6 +109,13 @@ class HotswapSession:
         return self._catalog
 
     def header(self) -> list[str]:
+        """The ``hotswap:`` lines after collection, for a session that uses the plugin (the
+        versions come from package metadata: nothing is imported)."""
+        if not self.uses_hotswap and self.options == opts.HotswapOptions():
+            return []
+        return self._header()
+
+    def _header(self) -> list[str]:
         from pytest_hotswap.stacks import describe_stack, verified_stack
 
         o = self.options
@@ -123,6 +148,8 @@ class HotswapSession:
 
     def check_implementations(self) -> None:
         """Refuse unknown ``--hotswap-implementations`` names (hooks may add some)."""
+        if self.options.implementations == opts.IMPLEMENTATIONS.default:
+            return  # the built-in ones: nothing to import to know them
         try:
             self.implementations.choose(self.options.implementations)
         except ValueError as error:
@@ -283,6 +310,8 @@ class HotswapSession:
         return spec
 
     def close(self) -> None:
+        if self._reporter is not None and self.config.pluginmanager.is_registered(self._reporter):
+            self.config.pluginmanager.unregister(self._reporter)
         if self._undo_isolation is not None:
             self._undo_isolation()
             self._undo_isolation = None
@@ -320,6 +349,11 @@ def read_options(config: pytest.Config) -> tuple[opts.HotswapOptions, str | None
     if options.max_rank == opts.AUTO:
         options, source = _auto_max_rank(options)
     return options, source
+
+
+def _xdist_controller(config: pytest.Config) -> bool:
+    """A pytest-xdist controller: its workers' records come in at the end, whatever it ran."""
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
 
 
 def _read_catalog(source: str | None) -> Catalog | None:
