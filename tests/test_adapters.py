@@ -9,6 +9,9 @@ import torch
 from pytest_hotswap import pipelines
 from pytest_hotswap.adapters import lora_targets, make_lora
 
+# Its module fixtures are built once, on one worker.
+pytestmark = pytest.mark.xdist_group("adapters")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _quiet_diffusers():

@@ -21,6 +21,9 @@ from pytest_hotswap.bench.goals import GOALS, evaluate
 from pytest_hotswap.bench.results import Result, Stat, Target, format_table
 from pytest_hotswap.bench.timing import interleaved, ratio, split
 
+# Its module fixtures are built once, on one worker.
+pytestmark = pytest.mark.xdist_group("bench")
+
 ROW_KEYS = {
     "swap_latency": {
         "model",

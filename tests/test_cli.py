@@ -13,6 +13,9 @@ from safetensors.numpy import save_file
 
 from pytest_hotswap.cli import main
 
+# Its module fixtures are built once, on one worker.
+pytestmark = pytest.mark.xdist_group("cli")
+
 DATA = Path(__file__).parent / "data"
 BASELINE = str(DATA / "report_baseline.json")
 REGRESSED = str(DATA / "report_regressed.json")

@@ -28,6 +28,9 @@ from reference_support import ARCHS, Served, compile_environment, write_with_met
 
 from pytest_hotswap.reference import HotswapError, hotswap
 
+# Its module fixtures are built once, on one worker.
+pytestmark = pytest.mark.xdist_group("fuzz_reference")
+
 MAX_RANK = 8
 RANK = 4
 EXAMPLES = int(os.environ.get("HOTSWAP_FUZZ_EXAMPLES", "30"))

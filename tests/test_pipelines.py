@@ -17,6 +17,9 @@ from pytest_hotswap.pipelines import (
 )
 from pytest_hotswap.watch import CompileWatcher
 
+# Its module fixtures are built once, on one worker.
+pytestmark = pytest.mark.xdist_group("pipelines")
+
 MAX_RANK = 32
 OPTIONS = HotswapOptions(max_rank=MAX_RANK, backend="eager")
 PAIRS = [(name, impl) for name in ("sd", "flux") for impl in ("diffusers", "reference")]

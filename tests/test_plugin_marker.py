@@ -15,6 +15,9 @@ import time
 
 import pytest
 
+# Its module fixtures are built once, on one worker.
+pytestmark = pytest.mark.xdist_group("plugin_marker")
+
 CONFTEST = """
 import json
 import subprocess

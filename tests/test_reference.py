@@ -15,6 +15,9 @@ from pytest_hotswap.adapters import lora_targets, make_lora
 from pytest_hotswap.reference import hotswap, prepare_for_hotswap, set_lora_scale
 from pytest_hotswap.watch import CompileWatcher
 
+# Its module fixtures are built once, on one worker.
+pytestmark = pytest.mark.xdist_group("reference")
+
 MAX_RANK = 16
 
 

@@ -30,6 +30,9 @@ from pytest_hotswap.reference import (
 )
 from pytest_hotswap.watch import CompileWatcher
 
+# Its module fixtures are built once, on one worker.
+pytestmark = pytest.mark.xdist_group("reference_errors")
+
 MAX_RANK = 8
 UNET = ARCHS["unet"]
 

@@ -20,6 +20,9 @@ from pytest_hotswap.reference import (
     set_lora_scale,
 )
 
+# Its module fixtures are built once, on one worker.
+pytestmark = pytest.mark.xdist_group("reference_inputs")
+
 MAX_RANK = 8
 
 

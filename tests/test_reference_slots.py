@@ -22,7 +22,10 @@ from pytest_hotswap.watch import CompileWatcher
 
 MAX_RANK = 8
 # diffusers' own loads of a second adapter into a model (the expected outputs) make PEFT warn.
-pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute"),
+    pytest.mark.xdist_group("reference_slots"),  # module fixtures: built once, on one worker
+]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -26,6 +26,9 @@ from pytest_hotswap.reference import (
 )
 from pytest_hotswap.watch import CompileWatcher
 
+# Its module fixtures are built once, on one worker.
+pytestmark = pytest.mark.xdist_group("reference_targets")
+
 MAX_RANK = 8
 
 

@@ -25,7 +25,10 @@ from pytest_hotswap.watch import CompileWatcher
 
 MAX_RANK = 8
 # diffusers' own loads of a second adapter into a model (the expected outputs) make PEFT warn.
-pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute"),
+    pytest.mark.xdist_group("reference_text_encoder"),  # module fixtures: built once, on one worker
+]
 TOKENS = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(0))
 
 

@@ -24,6 +24,9 @@ from pytest_hotswap.report import (
 )
 from pytest_hotswap.watch import CompileEvent, shorten_reason
 
+# Its module fixtures are built once, on one worker.
+pytestmark = pytest.mark.xdist_group("report")
+
 DATA = Path(__file__).parent / "data"
 SWAP = "tests/test_lora.py::test_swap"
 SCALE = "tests/test_lora.py::test_scale"
