@@ -421,7 +421,7 @@ class _Plan:
 
     def _check_max_rank(self) -> None:
         max_rank = self.request.max_rank
-        largest, where = 0, ""
+        largest, where, device, padding = 0, "", torch.device("cpu"), 0
         for layer in self.layers:
             qualified = f"{layer.component}.{layer.name}" if layer.component else layer.name
             if layer.loaded:
@@ -436,15 +436,26 @@ class _Plan:
                     f"{qualified}: a grouped Conv2d (groups={layer.groups}) needs max_rank "
                     f"divisible by {layer.groups}; got {max_rank}"
                 )
-            size = max(_dimensions(layer.module))
-            if size > largest:
-                largest, where = size, qualified
-        if max_rank > largest:
+            fan_in, out = _dimensions(layer.module)
+            weight = (
+                layer.module.lora_A[self.request.adapter_name].weight
+                if layer.loaded
+                else _base_layer(layer.module).weight
+            )
+            padding += (max_rank * fan_in + out * (max_rank // layer.groups)) * weight.element_size()
+            if max(fan_in, out) > largest:
+                largest, where, device = max(fan_in, out), qualified, weight.device
+        # A rank above a layer's min(in, out) adds nothing, but it is legal (PEFT and diffusers
+        # take it, and tiny CI models meet production max ranks): only a padding that cannot fit
+        # in the device's memory is refused, before the allocator tries.
+        padding *= self.request.slots
+        memory = _device_memory(device) if largest else None
+        if memory is not None and padding > memory:
             raise HotswapError(
-                f"max_rank={max_rank} is larger than every dimension of every LoRA layer to "
-                f"prepare (the largest is {largest}, in {where!r}): a LoRA rank above a layer's "
-                f"min(in, out) adds nothing, and the padding would only allocate zeros; use "
-                f"max_rank <= {largest}"
+                f"max_rank={max_rank} would pad the LoRA layers to {padding / 2**30:.3g} GiB, more "
+                f"than the {memory / 2**30:.3g} GiB of memory on {device}; a LoRA rank above a "
+                f"layer's min(in, out) adds nothing (the largest dimension here is {largest}, in "
+                f"{where!r}): use the largest rank of your adapters, at most {largest}"
             )
 
     # -- commit: the only part that changes the model --------------------------------------------
@@ -521,6 +532,16 @@ def _base_layer(module: torch.nn.Module) -> torch.nn.Module:
 def _groups(module: torch.nn.Module) -> int:
     base = _base_layer(module)
     return base.groups if isinstance(base, torch.nn.Conv2d) else 1
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes, ``None`` where it cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
 
 
 def _dimensions(module: torch.nn.Module) -> tuple[int, int]:
