@@ -442,7 +442,9 @@ class _Plan:
                 if layer.loaded
                 else _base_layer(layer.module).weight
             )
-            padding += (max_rank * fan_in + out * (max_rank // layer.groups)) * weight.element_size()
+            padding += (
+                max_rank * fan_in + out * (max_rank // layer.groups)
+            ) * weight.element_size()
             if max(fan_in, out) > largest:
                 largest, where, device = max(fan_in, out), qualified, weight.device
         # A rank above a layer's min(in, out) adds nothing, but it is legal (PEFT and diffusers
