@@ -125,6 +125,14 @@ def _loadable(lora: LoraSource) -> Any:
     return loadable(lora)
 
 
+_RANK_PATTERN_DEFECT = (
+    "PEFT's hotswap_adapter_from_state_dict looks rank_pattern / alpha_pattern up with the "
+    "parameter key ('<layer>.lora_A.<adapter>.weight'), which no pattern matches, so every layer "
+    "is scaled lora_alpha / r: a layer with its own rank or alpha gets the wrong scaling, and the "
+    "output is not that of a plain load (huggingface/peft#3738, fixed on PEFT's main by #3752)"
+)
+
+
 class DiffusersImplementation(Implementation):
     name = "diffusers"
     description = "diffusers + PEFT as installed (load_lora_weights(hotswap=True))"
@@ -151,11 +159,8 @@ class DiffusersImplementation(Implementation):
             verified=VERIFIED,
         ),
         KnownDefect(
-            "catalog_rank_pattern",
-            "an adapter with per-layer ranks (rank 4, rank 64 on three layers, alpha 4) "
-            "hotswapped by load_lora_weights(hotswap=True) into a pipeline prepared for rank 64 "
-            "does not give the output of a plain load of the same file (with the pattern at 16 "
-            "or 32 under max rank 32 it does: the per-layer ranks scenario)",
+            "rank_pattern",
+            _RANK_PATTERN_DEFECT,
             KnownDefect.WRONG_OUTPUT,
             verified=PINNED,
         ),
@@ -216,6 +221,12 @@ class PeftImplementation(Implementation):
             "PEFT's hotswap_adapter_from_state_dict does not refuse a rank above the prepared "
             "target_rank: the LoRA parameter grows and the next call recompiles",
             KnownDefect.NOT_REJECTED,
+            verified={"peft": "==0.21.2"},
+        ),
+        KnownDefect(
+            "rank_pattern",
+            _RANK_PATTERN_DEFECT,
+            KnownDefect.WRONG_OUTPUT,
             verified={"peft": "==0.21.2"},
         ),
         KnownDefect(

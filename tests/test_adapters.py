@@ -179,3 +179,34 @@ def test_a_model_holding_an_adapter_or_compiled_gives_the_same_file(tmp_path) ->
         got = safetensors.torch.load_file(make_lora(target, tmp_path / "again.safetensors"))
         assert got.keys() == expected.keys()
         assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_lora_factory_fixture_writes_rank_and_alpha_patterns(lora_factory):
+    """The fixture passes the per-layer patterns and DoRA through to make_lora (and caches on them)."""
+    import json
+
+    from safetensors import safe_open
+
+    def config_of(path):
+        with safe_open(str(path), "pt") as f:
+            metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        return metadata, shapes
+
+    name = "time_text_embed.timestep_embedder.linear_1"
+    plain = lora_factory("flux", rank=4)
+    patterned = lora_factory("flux", rank=4, rank_pattern={name: 8}, alpha_pattern={name: 2})
+    assert patterned != plain
+    assert (
+        lora_factory("flux", rank=4, rank_pattern={name: 8}, alpha_pattern={name: 2}) == patterned
+    )
+    metadata, shapes = config_of(patterned)
+    assert metadata["transformer.rank_pattern"] == {name: 8}
+    assert metadata["transformer.alpha_pattern"] == {name: 2}
+    assert shapes[f"transformer.{name}.lora_A.weight"] == (8, 256)
+    assert shapes["transformer.context_embedder.lora_A.weight"][0] == 4
+    metadata, shapes = config_of(plain)  # negative control
+    assert metadata["transformer.rank_pattern"] == {}
+    assert shapes[f"transformer.{name}.lora_A.weight"] == (4, 256)
+    dora, _ = config_of(lora_factory("flux", rank=4, use_dora=True))
+    assert dora["transformer.use_dora"] is True

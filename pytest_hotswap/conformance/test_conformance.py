@@ -120,9 +120,12 @@ def test_subset_targets(hotswap_pipeline, lora_factory, pytestconfig):
     swap_and_compare(hotswap_pipeline, lora, pytestconfig)
 
 
-def test_per_layer_ranks(hotswap_pipeline, lora_factory, pytestconfig):
+def test_per_layer_ranks(hotswap_pipeline, lora_factory, pytestconfig, request):
     from pytest_hotswap.adapters import lora_targets
 
+    defect = hotswap_pipeline.impl.defect("rank_pattern")
+    if defect is not None:
+        expect_defect(request, defect)
     pattern = dict.fromkeys(lora_targets(hotswap_pipeline.denoiser)[:3], hotswap_pipeline.max_rank)
     lora = lora_factory(hotswap_pipeline, rank=4, alpha=8, seed=9, rank_pattern=pattern)
     swap_and_compare(hotswap_pipeline, lora, pytestconfig)
@@ -321,7 +324,7 @@ def test_catalog(catalog_case, hotswap_pipeline_factory, pytestconfig, request):
         assert_rejected(pipeline, entry.path, pipeline.impl.rejection(error))
         return
     header = entry.header
-    defect = pipeline.impl.defect("catalog_rank_pattern")
+    defect = pipeline.impl.defect("rank_pattern")
     if len(set(header.ranks.values())) > 1 and defect is not None:
         expect_defect(request, defect)
     start = pipeline.run()

@@ -13,7 +13,7 @@ Nothing heavy is imported at module level: torch and diffusers load when a fixtu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,9 +118,12 @@ class LoraFactory:
         text_encoder: bool = False,
         fmt: str = "diffusers",
         seed: int = 0,
-        **extra: Any,
+        *,
+        rank_pattern: Mapping[str, int] | None = None,
+        alpha_pattern: Mapping[str, float] | None = None,
+        use_dora: bool = False,
     ) -> Path:
-        """``extra``: ``rank_pattern``, ``alpha_pattern``, ``use_dora`` (see ``make_lora``)."""
+        """The arguments of ``make_lora``; the same arguments give the same file."""
         from pytest_hotswap.adapters import make_lora
         from pytest_hotswap.pipelines import HotswapPipeline
 
@@ -135,12 +138,25 @@ class LoraFactory:
             text_encoder,
             fmt,
             seed,
+            tuple(sorted((rank_pattern or {}).items())),
+            tuple(sorted((alpha_pattern or {}).items())),
+            use_dora,
         )
         if key not in self._files:
             self._targets.append(target)
             folder = self.directory / f"{len(self._files):03d}"
             self._files[key] = make_lora(
-                target, folder, rank, alpha, targets, text_encoder, fmt, seed
+                target,
+                folder,
+                rank,
+                alpha,
+                targets,
+                text_encoder,
+                fmt,
+                seed,
+                rank_pattern=rank_pattern,
+                alpha_pattern=alpha_pattern,
+                use_dora=use_dora,
             )
         return self._files[key]
 
