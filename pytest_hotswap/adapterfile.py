@@ -303,21 +303,46 @@ def _alphas_from_metadata(
     if not config:
         return {}
     by_component: dict[str, Any] = {}
+    patterns: dict[str, Any] = {}
     for key, value in config.items():
         if key.endswith("lora_alpha"):
             by_component[key.removesuffix("lora_alpha").rstrip(".")] = value
+        elif key.endswith("alpha_pattern") and value:
+            if not isinstance(value, dict):
+                raise AdapterFileError(
+                    f"{path}: alpha_pattern in its {METADATA_KEY} is {value!r}, not an object of "
+                    "module name -> alpha"
+                )
+            patterns[key.removesuffix("alpha_pattern").rstrip(".")] = value
     alphas: dict[str, float] = {}
     for key, layer in layers.items():
         component = layer.component
         value = by_component.get(component, by_component.get(""))
         if value is None:
             continue
+        pattern = _pattern_value(path, patterns.get(component, patterns.get("")), layer.name)
+        value = value if pattern is None else pattern
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise AdapterFileError(
                 f"{path}: lora_alpha in its {METADATA_KEY} is {value!r}, not a number"
             )
         alphas[key] = float(value)
     return alphas
+
+
+def _pattern_value(path: str, pattern: Mapping[str, Any] | None, name: str) -> Any:
+    """The value of the first ``alpha_pattern`` key matching layer ``name``, as PEFT resolves it
+    (``peft.utils.other.get_pattern_key``: the key matches the end of the dotted module path;
+    restated here because this module imports neither torch nor PEFT)."""
+    for key, value in (pattern or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error as error:
+            raise AdapterFileError(
+                f"{path}: alpha_pattern key {key!r} is not a regular expression ({error})"
+            ) from None
+    return None
 
 
 def _scalar(path: str, key: str, value: Any) -> float:

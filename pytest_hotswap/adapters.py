@@ -10,6 +10,7 @@ already hold adapters, may be compiled or quantized, and a large one is not dupl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -68,8 +69,10 @@ def make_lora(
             (PEFT's own ``base_model.model.`` keys, as ``PeftModel.save_pretrained`` writes them).
         seed: the same seed, arguments and model shapes give bit-identical files.
         rank_pattern / alpha_pattern: PEFT's per-layer overrides of ``rank`` / ``alpha``, keyed
-            by module name (a rank per layer, as trainers write them).
-        use_dora: a DoRA adapter (PEFT's ``use_dora=True``), which hotswapping cannot take.
+            by denoiser module name (a rank per layer, as trainers write them; kohya files get
+            one ``.alpha`` per layer). The text encoder's LoRA, if any, is uniform.
+        use_dora: a DoRA adapter on the denoiser (PEFT's ``use_dora=True``), which hotswapping
+            cannot take.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
@@ -107,10 +110,26 @@ def make_lora(
 
     label = targets if isinstance(targets, str) else f"{len(chosen)}targets"
     te = "_te" if text_encoder else ""
-    default_name = f"lora_{denoiser_name}_r{rank}_a{alpha:g}_{label}{te}_{fmt}_s{seed}.safetensors"
+    # Whatever the short name leaves out (which layers of a list, patterns) goes into a digest,
+    # so two different adapters written into one directory never share a file.
+    dora = "_dora" if use_dora else ""
+    left_out = (
+        None if isinstance(targets, str) else chosen,
+        sorted((rank_pattern or {}).items()),
+        sorted((alpha_pattern or {}).items()),
+    )
+    digest = (
+        "_" + hashlib.sha1(repr(left_out).encode()).hexdigest()[:8]
+        if left_out != (None, [], [])
+        else ""
+    )
+    default_name = (
+        f"lora_{denoiser_name}_r{rank}_a{alpha:g}_{label}{te}{dora}_{fmt}_s{seed}{digest}"
+    )
+    default_name += ".safetensors"
     file = _output_file(Path(path), default_name)
     if fmt == "kohya":
-        _write_kohya(file, layers, alpha)
+        _write_kohya(file, layers, metadata)
     elif fmt == "peft":
         _write_peft(file, layers, metadata)
     else:
@@ -281,10 +300,15 @@ def _write_diffusers(
     loader.save_lora_weights(str(file.parent), weight_name=file.name, **kwargs)
 
 
-def _write_kohya(file: Path, layers: dict[str, dict[str, torch.Tensor]], alpha: float) -> None:
+def _write_kohya(
+    file: Path,
+    layers: dict[str, dict[str, torch.Tensor]],
+    metadata: dict[str, dict[str, Any]],
+) -> None:
     """Convert with diffusers' own converter; it writes alpha = rank, so set the real alpha."""
     import safetensors.torch
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft.utils.other import get_pattern_key
 
     prefixed = {
         f"{component}.{key}": tensor
@@ -292,9 +316,18 @@ def _write_kohya(file: Path, layers: dict[str, dict[str, torch.Tensor]], alpha: 
         for key, tensor in tensors.items()
     }
     kohya = convert_state_dict_to_kohya(prefixed)
-    for key in kohya:
-        if key.endswith(".alpha"):
-            kohya[key] = torch.tensor(float(alpha))
+    # The converter writes alpha = rank; each layer's alpha is the config's, as PEFT resolves it.
+    for component, tensors in layers.items():
+        config = metadata[component]
+        for key in tensors:
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key.removesuffix(".lora_A.weight")
+            pattern = get_pattern_key(list(config["alpha_pattern"]), module)
+            alpha = config["alpha_pattern"].get(pattern, config["lora_alpha"])
+            one = convert_state_dict_to_kohya({f"{component}.{key}": tensors[key]})
+            (alpha_key,) = (k for k in one if k.endswith(".alpha"))
+            kohya[alpha_key] = torch.tensor(float(alpha))
     _check_kohya_round_trip(kohya, prefixed)
     safetensors.torch.save_file(kohya, str(file), metadata={"format": "pt"})
 

@@ -107,7 +107,10 @@ class CatalogEntry:
             "tuner": header.tuner,
             "rank": header.rank,
             "ranks": {layer.name: layer.rank for layer in header.layers.values()},
-            "alpha": header.alpha,
+            # one alpha, or the alpha of each layer keyed like "ranks" (by the name in the file)
+            "alpha": alpha
+            if not isinstance(alpha := header.alpha, dict)
+            else {header.layers[key].name: value for key, value in alpha.items()},
             "layers": [layer.name for layer in header.layers.values()],
             "text_encoder_layers": header.text_encoder_layers,
         }

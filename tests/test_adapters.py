@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import safetensors.torch
 import torch
@@ -50,6 +52,25 @@ def test_directory_path_gets_a_descriptive_file_name(sd_pipe, tmp_path):
     path = make_lora(sd_pipe.unet, tmp_path, rank=4, alpha=2, targets="half", seed=5)
     assert path.parent == tmp_path
     assert path.name == "lora_unet_r4_a2_half_diffusers_s5.safetensors"
+    assert make_lora(sd_pipe.unet, tmp_path, rank=4, alpha=2, targets="half", seed=5) == path
+
+
+def test_adapters_that_differ_get_their_own_files_in_one_directory(sd_pipe, tmp_path):
+    names = lora_targets(sd_pipe.unet)
+    paths = [
+        make_lora(sd_pipe.unet, tmp_path, rank=4, targets=names[:2]),
+        make_lora(sd_pipe.unet, tmp_path, rank=4, targets=names[2:4]),  # as many targets
+        make_lora(sd_pipe.unet, tmp_path, rank=4, targets=names[:2], rank_pattern={names[0]: 8}),
+        make_lora(sd_pipe.unet, tmp_path, rank=4, targets=names[:2], alpha_pattern={names[0]: 1}),
+        make_lora(sd_pipe.unet, tmp_path, rank=4, targets=names[:2], use_dora=True),
+    ]
+    assert len(set(paths)) == 5
+    assert "_dora_" in paths[4].name
+    assert re.fullmatch(
+        r"lora_unet_r4_a4_2targets_diffusers_s0_[0-9a-f]{8}\.safetensors", paths[0].name
+    )
+    first = safetensors.torch.load_file(paths[0])
+    assert {k.rsplit(".lora_", 1)[0] for k in first} == {f"unet.{n}" for n in names[:2]}
 
 
 @pytest.mark.parametrize("name", ["sd", "flux"])
@@ -132,6 +153,24 @@ def test_kohya_round_trip_through_diffusers_loader_matches_diffusers_format(tmp_
         pipe.load_lora_weights(str(path))
         assert _scalings(pipe.unet, "default_0") == {0.5}
         assert _scalings(pipe.text_encoder, "default_0") == {0.5}
+        outputs.append(pipe(**pipelines.sd_call_kwargs())[0])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_kohya_files_carry_each_layers_alpha_from_the_alpha_pattern(tmp_path):
+    outputs = []
+    for fmt in ("diffusers", "kohya"):
+        pipe = pipelines.build_tiny_sd_pipeline()
+        special = "time_embedding.linear_1"
+        path = make_lora(pipe, tmp_path, rank=4, alpha=2, fmt=fmt, alpha_pattern={special: 8})
+        if fmt == "kohya":
+            alphas = {
+                k: float(v) for k, v in safetensors.torch.load_file(path).items() if "alpha" in k
+            }
+            assert alphas.pop("lora_unet_time_embedding_linear_1.alpha") == 8.0
+            assert set(alphas.values()) == {2.0}
+        pipe.load_lora_weights(str(path))
+        assert _scalings(pipe.unet, "default_0") == {0.5, 2.0}
         outputs.append(pipe(**pipelines.sd_call_kwargs())[0])
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 

@@ -197,12 +197,22 @@ def test_gpu_check_fails_loudly_without_a_gpu(monkeypatch, capsys, tmp_path) -> 
     assert not out.exists()
 
 
-def test_gpu_check_takes_only_out(capsys, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("extra", "dropped"),
+    [
+        (["--smoke"], "--smoke"),
+        (["--max-rank", "64"], "--max-rank"),
+        (["--dtype", "float16", "--swap-rank", "8"], "--dtype, --swap-rank"),
+        (["--device", "cuda"], "--device"),
+    ],
+)
+def test_gpu_check_takes_only_out(capsys, tmp_path, extra, dropped) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["--gpu-check", "--smoke", "--out", str(tmp_path)])
+        main(["--gpu-check", *extra, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "--gpu-check runs its own prepared steps and takes only --out; drop --smoke" in (
-        capsys.readouterr().err
+    assert (
+        f"--gpu-check runs its own prepared steps and takes only --out; drop {dropped}"
+        in capsys.readouterr().err
     )
 
 

@@ -232,6 +232,33 @@ def test_inspect_peft_keys_with_ranks_varying_per_layer(capsys, tmp_path):
     ]
 
 
+def test_inspect_reads_per_layer_alphas_from_the_alpha_pattern(capsys, tmp_path):
+    path = tmp_path / "pattern.safetensors"
+    tensors = {
+        f"transformer.blocks.{i}.to_{p}.lora_{ab}.weight": np.zeros(
+            (4, 32) if ab == "A" else (32, 4), np.float32
+        )
+        for i in (0, 1)
+        for p in "qk"
+        for ab in "AB"
+    }
+    config = {
+        "transformer.lora_alpha": 8,
+        "transformer.r": 4,
+        "transformer.alpha_pattern": {"blocks.1.to_q": 2, "to_k": 4},
+    }
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(config)})
+    code, out, _ = run(capsys, "inspect", path, "--json")
+    assert code == 0, out
+    (entry,) = json.loads(out)["files"]
+    assert entry["alpha"] == {
+        "transformer.blocks.0.to_q": 8.0,
+        "transformer.blocks.0.to_k": 4.0,
+        "transformer.blocks.1.to_q": 2.0,
+        "transformer.blocks.1.to_k": 4.0,
+    }
+
+
 def test_inspect_rejects_an_adapter_for_another_model(capsys, tmp_path):
     def write(name: str, width: int) -> Path:
         path = tmp_path / name

@@ -175,13 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         given = [
             f"--{name.replace('_', '-')}"
-            for name in ("smoke", "backends", "mode", "quantize", "repeats", "samples", "only")
-            if getattr(args, name) not in (None, False)
+            for name, value in vars(args).items()
+            if name not in ("out", "gpu_check") and value != parser.get_default(name)
         ]
-        if given or args.device != "cpu":
+        if given:
             parser.error(
                 f"--gpu-check runs its own prepared steps and takes only --out; drop "
-                f"{', '.join(given or ['--device'])}"
+                f"{', '.join(given)}"
             )
 
         return gpu_check.run(args.out)
