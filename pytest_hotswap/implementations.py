@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pytest_hotswap.stacks import PINNED, VERIFIED, KnownDefect
+from pytest_hotswap.stacks import VERIFIED, KnownDefect
 
 if TYPE_CHECKING:
     from pytest_hotswap.pipelines import HotswapPipeline, LoraSource, PipelineSpec
@@ -162,14 +162,14 @@ class DiffusersImplementation(Implementation):
             "rank_pattern",
             _RANK_PATTERN_DEFECT,
             KnownDefect.WRONG_OUTPUT,
-            verified=PINNED,
+            verified=VERIFIED,
         ),
         KnownDefect(
             "other_tuner",
             "PEFT refuses a DoRA adapter in a hotswap, then diffusers' load_lora_adapter deletes "
             "the loaded adapter: the next call recompiles and runs without any LoRA",
             KnownDefect.MODEL_CHANGED,
-            verified=PINNED,
+            verified=VERIFIED,
         ),
         KnownDefect(
             "strength_change",
@@ -221,20 +221,20 @@ class PeftImplementation(Implementation):
             "PEFT's hotswap_adapter_from_state_dict does not refuse a rank above the prepared "
             "target_rank: the LoRA parameter grows and the next call recompiles",
             KnownDefect.NOT_REJECTED,
-            verified={"peft": "==0.21.2"},
+            verified={"peft": VERIFIED["peft"]},
         ),
         KnownDefect(
             "rank_pattern",
             _RANK_PATTERN_DEFECT,
             KnownDefect.WRONG_OUTPUT,
-            verified={"peft": "==0.21.2"},
+            verified={"peft": VERIFIED["peft"]},
         ),
         KnownDefect(
             "strength_change",
             "PEFT sets strength with LoraLayer.set_scale, which writes a Python float over the "
             "scaling tensor: every new value recompiles",
             KnownDefect.RECOMPILES,
-            verified={"peft": "==0.21.2"},
+            verified={"peft": VERIFIED["peft"]},
         ),
     )
 

@@ -29,7 +29,6 @@ MINIMUM_VERSIONS: dict[str, str] = {
 OPTIONAL_MINIMUM_VERSIONS: dict[str, str] = {"torchao": "0.16.0"}
 #: The ranges the known defects were reproduced on (``make stacks``: oldest, pinned, newest).
 VERIFIED = {"diffusers": ">=0.40,<=0.42.1", "peft": ">=0.20,<=0.21.2"}
-PINNED = {"diffusers": "==0.42.1", "peft": "==0.21.2"}
 #: The packages that make a stack, in the order the header names them.
 STACK_PACKAGES = ("torch", "diffusers", "peft", "transformers", "torchao")
 
