@@ -57,7 +57,7 @@ def make_lora(
     """Write a random LoRA adapter for ``target`` and return the file's path.
 
     Args:
-        target: a diffusers pipeline, a denoiser model, or the name of a tiny pipeline ("sd", "flux").
+        target: a diffusers pipeline, a denoiser model, or a registered pipeline name ("sd", "flux").
         path: a ``.safetensors`` file to write, or a directory to write a descriptively named file in.
         rank: LoRA rank ``r`` (>= 1).
         alpha: ``lora_alpha``; ``None`` means ``rank`` (scaling 1).
@@ -161,22 +161,23 @@ def select_targets(model: torch.nn.Module, targets: str | Sequence[str]) -> list
 
 
 def _resolve(target: Any, *, text_encoder: bool) -> Any:
-    """Turn a tiny-pipeline name into a built model or pipeline; pass anything else through."""
+    """Turn a registered pipeline name into a built pipeline (``text_encoder=True``) or its
+    denoiser, on cpu in float32; pass anything else through."""
     if not isinstance(target, str):
         return target
-    from pytest_hotswap import pipelines
+    from pytest_hotswap.options import HotswapOptions
+    from pytest_hotswap.pipelines.registry import REGISTRY
 
-    builders = {
-        "sd": (pipelines.build_tiny_sd_pipeline, pipelines.build_tiny_unet),
-        "flux": (pipelines.build_tiny_flux_pipeline, pipelines.build_tiny_flux_transformer),
-    }
-    if target not in builders:
+    entry = REGISTRY.get(target)
+    if entry is None:
         raise ValueError(
-            f"unknown pipeline name {target!r}: use one of {', '.join(builders)}, "
+            f"unknown pipeline name {target!r}: use one of {', '.join(REGISTRY)}, "
             "or pass a pipeline or model object"
         )
-    build_pipeline, build_denoiser = builders[target]
-    return build_pipeline() if text_encoder else build_denoiser()
+    spec = entry.build(HotswapOptions(device="cpu", dtype="float32"), 0)
+    if text_encoder and spec.pipe is not None:
+        return spec.pipe
+    return spec.denoiser
 
 
 def _denoiser(resolved: Any) -> torch.nn.Module:

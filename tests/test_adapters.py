@@ -119,7 +119,29 @@ def test_half_is_a_deterministic_subset_and_lists_are_exact(flux_pipe, tmp_path)
     )
     assert half == again
     assert half < all_keys
-    assert len(half) == 2 * len(lora_targets(flux_pipe)[::2])
+    # The tiny Flux transformer (one double block, one single block, no guidance embedder) has 28
+    # Linear layers in module order; "half" takes the 1st, 3rd ... of them: 14 layers, 28 keys.
+    assert len(all_keys) == 2 * 28
+    assert half == {
+        f"transformer.{name}.lora_{ab}.weight"
+        for ab in "AB"
+        for name in (
+            "time_text_embed.timestep_embedder.linear_1",
+            "time_text_embed.text_embedder.linear_1",
+            "context_embedder",
+            "transformer_blocks.0.norm1.linear",
+            "transformer_blocks.0.attn.to_q",
+            "transformer_blocks.0.attn.to_v",
+            "transformer_blocks.0.attn.add_q_proj",
+            "transformer_blocks.0.attn.add_v_proj",
+            "transformer_blocks.0.ff.net.0.proj",
+            "transformer_blocks.0.ff_context.net.0.proj",
+            "single_transformer_blocks.0.norm.linear",
+            "single_transformer_blocks.0.proj_out",
+            "single_transformer_blocks.0.attn.to_k",
+            "norm_out.linear",
+        )
+    }
     # "proj_out" alone must not also adapt single_transformer_blocks.0.proj_out on load.
     path = make_lora(flux_pipe, tmp_path / "one.safetensors", targets=["proj_out"])
     flux_pipe.load_lora_weights(str(path), adapter_name="one")
@@ -198,10 +220,27 @@ def test_kohya_for_a_transformer_is_refused(flux_pipe, tmp_path):
 
 
 def test_unknown_pipeline_name_and_non_safetensors_path(sd_pipe, tmp_path):
-    with pytest.raises(ValueError, match="unknown pipeline name 'sdxl'"):
+    with pytest.raises(ValueError, match="unknown pipeline name 'sdxl': use one of sd, flux"):
         make_lora("sdxl", tmp_path)
     with pytest.raises(ValueError, match="safetensors only"):
         make_lora(sd_pipe, tmp_path / "lora.bin")
+
+
+def test_a_registered_pipeline_name_is_a_target(monkeypatch, tmp_path) -> None:
+    from pytest_hotswap.pipelines.registry import REGISTRY, PipelineEntry, PipelineSpec
+
+    def build(options, seed):
+        denoiser = pipelines.build_tiny_flux_transformer(seed, options.device, options.dtype)
+        return PipelineSpec("bare", denoiser, run=lambda **_: torch.zeros(1))
+
+    monkeypatch.setitem(REGISTRY, "bare", PipelineEntry("bare", build, "a denoiser alone"))
+    assert lora_targets("bare") == lora_targets(pipelines.build_tiny_flux_transformer())
+    keys = set(safetensors.torch.load_file(make_lora("bare", tmp_path, targets=["proj_out"])))
+    assert keys == {"transformer.proj_out.lora_A.weight", "transformer.proj_out.lora_B.weight"}
+    with pytest.raises(ValueError, match="text_encoder=True needs a pipeline"):
+        make_lora("bare", tmp_path, text_encoder=True)
+    with pytest.raises(ValueError, match="use one of sd, flux, bare"):
+        make_lora("sdxl", tmp_path)
 
 
 def test_a_model_holding_an_adapter_or_compiled_gives_the_same_file(tmp_path) -> None:

@@ -21,7 +21,19 @@ from pathlib import Path
 from pytest_hotswap.bench import config as defaults
 from pytest_hotswap.bench.config import BenchConfig
 from pytest_hotswap.bench.results import Result, format_table, write_json
-from pytest_hotswap.options import BACKENDS, DTYPES, MAX_RANK, MODES, QUANTIZE, parse_list
+from pytest_hotswap.options import (
+    BACKENDS,
+    DEVICE,
+    DEVICES,
+    DTYPE,
+    DTYPES,
+    MAX_RANK,
+    MODES,
+    QUANTIZE,
+    parse_list,
+    resolve_device,
+    resolve_dtype,
+)
 from pytest_hotswap.pipelines import quiet_diffusers
 
 #: Measurement name -> module with ``run(config, workdir) -> Result``, in running order.
@@ -53,8 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="Output directory")
     parser.add_argument("--smoke", action="store_true", help="Tiny sizes and eager only: seconds")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on cuda")
+    parser.add_argument(
+        "--device", choices=DEVICES, default="cpu", help=f"{DEVICE.help}. Default: %(default)s"
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=DTYPE.default, help=f"{DTYPE.help}. Default: %(default)s"
+    )
     parser.add_argument(
         "--backends",
         type=_comma_list(BACKENDS),
@@ -107,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchConfig:
     import torch
 
-    cuda = args.device == "cuda"
+    device = resolve_device(args.device)
+    cuda = device == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error(
             f"--device cuda needs a CUDA GPU, but torch {torch.__version__} sees none here; "
@@ -131,8 +148,8 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchC
     smoke = args.smoke
     return BenchConfig(
         smoke=smoke,
-        device=args.device,
-        dtype=("bfloat16" if cuda else "float32") if args.dtype == "auto" else args.dtype,
+        device=device,
+        dtype=resolve_dtype(args.dtype, device),
         backends=args.backends or (("eager",) if smoke else BACKENDS),
         mode=args.mode or ("max-autotune-no-cudagraphs" if cuda else "default"),
         quantize=quantize,

@@ -314,8 +314,12 @@ def matrix_rows(cells: dict[tuple[str, str], str]) -> tuple[list[str], list[list
 
 
 def _column_order(column: str) -> tuple[int, str]:
+    """Registered pipelines first, in registry order, then any other (saved, hub) by name."""
+    from pytest_hotswap.pipelines.registry import REGISTRY
+
+    names = list(REGISTRY)
     name = column.rsplit("-", 1)[0]
-    return ({"sd": 0, "flux": 1}.get(name, 2), column)
+    return (names.index(name) if name in names else len(names), column)
 
 
 def write_matrix(tr: Any, cells: dict[tuple[str, str], str], config: pytest.Config) -> None:

@@ -13,6 +13,7 @@ import torch
 from pytest_hotswap.implementations import Implementation, Preparation
 from pytest_hotswap.pipelines.recipe import LoraSource, describe_adapter
 from pytest_hotswap.pipelines.registry import PipelineSpec
+from pytest_hotswap.reference.components import unwrap_compiled
 from pytest_hotswap.watch import KIND_LAYOUT_CHANGE, CompileEvent, CompileWatcher
 from pytest_hotswap.watch.caches import entries_of_region, region_of
 
@@ -221,7 +222,7 @@ class HotswapPipeline:
         """Every LoRA tensor of the compiled modules: object, shape, dtype, device, storage."""
         layout: dict[str, TensorLayout] = {}
         for module in self.compiled_modules:
-            module = getattr(module, "_orig_mod", module)
+            module = unwrap_compiled(module)
             for name, tensor in module.named_parameters():
                 if ".lora_" in name:
                     layout[name] = (

@@ -22,12 +22,10 @@ from pytest_hotswap.plugin.fixtures import (
     pytest_generate_tests,
     pytest_hotswap_build_pipeline,
 )
-from pytest_hotswap.plugin.session import ITEM_KEY, HotswapSession
+from pytest_hotswap.plugin.session import ITEM_KEY, SESSION_KEY, HotswapSession
 
 if TYPE_CHECKING:
     from pytest_hotswap.watch import CompileWatcher
-
-SESSION_KEY = pytest.StashKey[HotswapSession]()
 
 __all__ = [
     "SESSION_KEY",

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from pytest_hotswap.plugin.session import SESSION_KEY
+
 if TYPE_CHECKING:
     from pytest_hotswap.options import HotswapOptions
     from pytest_hotswap.pipelines import HotswapPipeline, PipelineSpec
@@ -34,8 +36,6 @@ FIRST_ADAPTER_RANK = 8
 
 
 def session_of(config: pytest.Config) -> HotswapSession:
-    from pytest_hotswap.plugin import SESSION_KEY
-
     return config.stash[SESSION_KEY]
 
 

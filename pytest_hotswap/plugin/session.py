@@ -45,6 +45,8 @@ class WatchedTest:
 
 
 ITEM_KEY = pytest.StashKey[WatchedTest]()
+#: The run's :class:`HotswapSession`, in ``config.stash``.
+SESSION_KEY = pytest.StashKey["HotswapSession"]()
 
 
 class HotswapSession:

@@ -49,7 +49,7 @@ _LIMIT_EXCEEDED = "recompile limit exceeded"
 LOCK = threading.RLock()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Observation:
     """What the tap saw, before each watcher adds its own step label and classification."""
 
@@ -181,7 +181,12 @@ class MetricsSource:
             self._flag_off_reported = True
             flag = "torch._dynamo.config.log_compilation_metrics"
             self._emit(
-                Observation("?", flag, reasons=(f"{flag} is False",), failure=KIND_UNOBSERVED)
+                Observation(
+                    compile_id="?",
+                    frame=flag,
+                    reasons=(f"{flag} is False",),
+                    failure=KIND_UNOBSERVED,
+                )
             )
 
     def _observe(self, metrics: Any, *, seen_in_log: bool) -> None:
@@ -194,10 +199,10 @@ class MetricsSource:
                 reasons = self._guards.new_for(frame, filename, lineno)
                 self._emit(
                     Observation(
-                        compile_id,
-                        frame,
-                        filename,
-                        lineno,
+                        compile_id=compile_id,
+                        frame=frame,
+                        filename=filename,
+                        lineno=lineno,
                         reasons=(*reasons, f"dynamo: {metrics.fail_reason.splitlines()[0]}"),
                         failure=KIND_STORM,
                     )
@@ -251,10 +256,10 @@ class RecompileLimitSource:
         self._storms.add(compile_id)
         self._emit(
             Observation(
-                compile_id,
-                frame,
-                filename,
-                lineno,
+                compile_id=compile_id,
+                frame=frame,
+                filename=filename,
+                lineno=lineno,
                 reasons=(*reasons, f"torch._dynamo.config.{limit_type} = {limit} reached"),
                 failure=KIND_STORM,
             )
@@ -318,7 +323,10 @@ class CudagraphSource:
     def _emit_skip(self, message: str) -> None:
         self._emit(
             Observation(
-                current_compile_id(), "cudagraphs", reasons=(message,), failure=KIND_CUDAGRAPH_SKIP
+                compile_id=current_compile_id(),
+                frame="cudagraphs",
+                reasons=(message,),
+                failure=KIND_CUDAGRAPH_SKIP,
             )
         )
 
@@ -333,8 +341,8 @@ class CudagraphSource:
             reason = f"compile {args.compile_id} recorded {count} times (inputs or static addresses changed)"
             self._emit(
                 Observation(
-                    args.compile_id,
-                    "cudagraphs",
+                    compile_id=args.compile_id,
+                    frame="cudagraphs",
                     reasons=(reason,),
                     failure=KIND_CUDAGRAPH_RERECORD,
                 )
