@@ -142,10 +142,8 @@ def check_adapter_path(path: str | os.PathLike[str]) -> Path:
     file = Path(path)
     try:
         mode = file.stat().st_mode
-    except FileNotFoundError:
-        raise AdapterFileError(f"{file}: no such file") from None
     except OSError as error:
-        raise AdapterFileError(f"{file}: cannot read it ({error.strerror or error})") from None
+        raise _os_error(file, error) from None
     if stat.S_ISDIR(mode):
         raise AdapterFileError(f"{file}: is a directory; give the .safetensors file inside it")
     if not stat.S_ISREG(mode):
@@ -153,8 +151,11 @@ def check_adapter_path(path: str | os.PathLike[str]) -> Path:
             f"{file}: not a regular file (a FIFO, socket or device); adapters are read from "
             "regular .safetensors files only"
         )
-    with file.open("rb") as handle:
-        head = handle.read(9)
+    try:
+        with file.open("rb") as handle:
+            head = handle.read(9)
+    except OSError as error:  # unreadable (permissions), or replaced since the stat
+        raise _os_error(file, error) from None
     # safetensors: an 8-byte header length, then the JSON header; torch.save: a zip or a pickle.
     looks_safetensors = len(head) == 9 and head[8:9] == b"{"
     if not looks_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
@@ -165,6 +166,22 @@ def check_adapter_path(path: str | os.PathLike[str]) -> Path:
             "convert it with safetensors.torch.save_file"
         )
     return file
+
+
+def _os_error(file: Path, error: OSError) -> AdapterFileError:
+    """One line for an operating-system error on ``file``: what happened and what to do."""
+    if isinstance(error, FileNotFoundError):
+        return AdapterFileError(f"{file}: no such file")
+    if isinstance(error, IsADirectoryError):
+        return AdapterFileError(f"{file}: is a directory; give the .safetensors file inside it")
+    if isinstance(error, PermissionError):
+        return AdapterFileError(
+            f"{file}: permission denied; make the file (and its folder) readable for this user, "
+            "or copy it somewhere readable"
+        )
+    return AdapterFileError(
+        f"{file}: cannot read it ({error.strerror or error}); check the file and its disk"
+    )
 
 
 def read_header(path: str | os.PathLike[str]) -> AdapterHeader:
@@ -184,7 +201,7 @@ def read_header(path: str | os.PathLike[str]) -> AdapterHeader:
             f"{file}: not a valid safetensors file ({error}); truncated or corrupt?"
         ) from None
     except OSError as error:
-        raise AdapterFileError(f"{file}: cannot read it ({error})") from None
+        raise _os_error(file, error) from None
     return header_from(str(file), keys, shapes, dtypes, metadata, kohya_alphas)
 
 

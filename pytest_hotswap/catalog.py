@@ -223,7 +223,12 @@ def load_catalog(source: str | os.PathLike[str]) -> Catalog:
     text = str(source)
     folder = Path(text).expanduser()
     if folder.is_dir():
-        paths = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        try:
+            paths = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        except OSError as error:
+            raise CatalogError(
+                f"{text}: cannot list the folder ({error.strerror or error}); check its permissions"
+            ) from None
     elif any(char in text for char in "*?["):
         paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True))
         paths = [p for p in paths if not p.is_dir()]

@@ -17,11 +17,11 @@ from typing import Any, NoReturn
 
 from pytest_hotswap.adapterfile import AdapterHeader
 from pytest_hotswap.catalog import (
+    PEFT_NATIVE,
     Catalog,
     CatalogEntry,
     CatalogError,
     load_catalog,
-    padding_cost,
     read_entry,
 )
 from pytest_hotswap.options import AUTO, MAX_RANK, parse_max_rank_or_auto
@@ -44,29 +44,54 @@ class _Parser(argparse.ArgumentParser):
 
 # --- inspect -------------------------------------------------------------------------------------
 
+REFERENCE = "reference (union padding)"
+DIFFUSERS = "diffusers + PEFT (first file's targets)"
 
-def _entries(paths: Sequence[Path]) -> list[CatalogEntry]:
-    """Files as given; a folder stands for the files in it."""
+
+def _entries(paths: Sequence[Path]) -> tuple[list[CatalogEntry], list[str]]:
+    """Files as given; a folder stands for the files in it. Also the errors of the paths named
+    on the command line: a file that is not a readable adapter, a folder that cannot be listed
+    or holds nothing (an unreadable file found inside a folder is a refused entry, no error)."""
     entries: list[CatalogEntry] = []
+    errors: list[str] = []
     for path in paths:
         if path.is_dir():
+            reason = None
             try:
-                entries += load_catalog(path).entries
+                found = load_catalog(path).entries
             except CatalogError as error:
-                entries.append(CatalogEntry(path, None, str(error).removeprefix(f"{path}: ")))
+                reason = str(error).removeprefix(f"{path}: ")
+            except OSError as error:  # a folder it may not list
+                reason = (
+                    "permission denied; make the folder readable for this user"
+                    if isinstance(error, PermissionError)
+                    else f"cannot list the folder ({error.strerror or error})"
+                )
+            if reason is not None:
+                found = [CatalogEntry(path, None, reason)]
+                errors.append(f"{path}: {reason}")
         else:
-            entries.append(read_entry(path))
-    return entries
+            found = [read_entry(path)]
+            if found[0].header is None:
+                errors.append(f"{path}: {found[0].error}")
+        seen = {entry.path for entry in entries}
+        entries += [entry for entry in found if entry.path not in seen]  # a file given twice
+    return entries, errors
 
 
 def judge(entries: Sequence[CatalogEntry], max_rank: int) -> dict[Path, list[str]]:
-    """Why a hotswap after loading the first file would reject each of the others."""
+    """Why diffusers + PEFT would reject each file: upstream's hotswap after loading the first
+    file, where a later file may target only the first file's layers (or a subset)."""
     rejected: dict[Path, list[str]] = {entry.path: [] for entry in entries}
     for entry in entries:
         if entry.header is None:
             rejected[entry.path].append("unreadable")
         elif entry.header.tuner != "LoRA":
             rejected[entry.path].append(f"a {entry.header.tuner} adapter, not a plain LoRA")
+        elif entry.header.format == "peft":
+            rejected[entry.path].append(
+                f"{PEFT_NATIVE}, which diffusers' load_lora_weights cannot read"
+            )
         elif entry.header.rank > max_rank:
             rejected[entry.path].append(f"rank {entry.header.rank} > max rank {max_rank}")
     first = entries[0].header if entries else None
@@ -97,6 +122,23 @@ def judge(entries: Sequence[CatalogEntry], max_rank: int) -> dict[Path, list[str
                 f"so it is for another model ({_sample(mismatched)})"
             )
     return rejected
+
+
+def diffusers_verdict(
+    entry: CatalogEntry, entries: Sequence[CatalogEntry], rejected: dict[Path, list[str]]
+) -> str:
+    """``ok`` with how it relates to the first file, or ``rejected: <reasons>``."""
+    problems = rejected[entry.path]
+    if problems:
+        return f"rejected: {'; '.join(problems)}"
+    first = entries[0]
+    if entry is first:
+        return "ok, loaded first"
+    if first.header is None or entry.header is None:
+        return "not compared, the first file is unreadable"
+    shared, total = len(entry.header.denoiser_keys), len(first.header.denoiser_keys)
+    kind = "same layers as" if shared == total else "a subset of"
+    return f"ok, targets {kind} the first ({shared} of {total} layers)"
 
 
 def _io(layer: Any) -> tuple[Any, ...]:
@@ -146,43 +188,53 @@ def _module_kind(name: str) -> str:
 
 
 def format_plan(
-    entries: Sequence[CatalogEntry], max_rank: int, rejected: dict[Path, list[str]]
+    entries: Sequence[CatalogEntry],
+    max_rank: int,
+    rejected: dict[Path, list[str]],
+    plan: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Max rank, the union of targets, each file's verdicts and its padding cost."""
+    """Max rank, the union of targets, each file's two verdicts and its padding cost.
+
+    ``plan`` is ``Catalog.plan(max_rank)`` of ``entries`` (computed when not given): the
+    reference's verdict (LoRA padded onto the union of targets) and the padding; ``rejected``
+    is :func:`judge`'s, diffusers + PEFT's verdict (later files within the first's targets).
+    """
     catalog = Catalog("", list(entries))
+    plan = catalog.plan(max_rank) if plan is None else plan
     readable = [e.header for e in entries if e.header is not None]
     ranks = [h.rank for h in readable]
     lines = [f"max rank: {max(ranks, default='-')} (checked against --max-rank {max_rank})"]
     first = entries[0]
-    if first.header is not None:
+    if first.header is not None and len(entries) > 1:
         lines.append(f"{first.path}: loaded first; later files are hotswapped into it")
         if first.header.text_encoder_layers:
             lines.append(
                 "  note: its text-encoder layers need the text-encoder opt-in to be hotswapped"
             )
-    usable = catalog.usable(max_rank)
-    union = catalog.union_targets(usable)
+    usable = [row for row in plan["files"] if row["verdict"] == "ok"]
     lines.append(
-        f"union of targets: {len(union)} layers from {len(usable)} usable files (padding every "
-        "layer any of them targets lets each hotswap, reference implementation)"
+        f"union of targets: {len(plan['union_targets'])} layers from {len(usable)} usable files "
+        "(padding every layer any of them targets lets each hotswap, reference implementation)"
     )
-    for entry in entries:
-        problems = rejected[entry.path]
-        if problems:
-            lines.append(f"{entry.path}: REJECTED: {'; '.join(problems)}")
-        elif entry is not first and first.header is None:
-            lines.append(f"{entry.path}: not compared, the first file is unreadable")
-        elif entry is not first and entry.header is not None and first.header is not None:
-            shared, total = len(entry.header.denoiser_keys), len(first.header.denoiser_keys)
-            kind = "same layers as" if shared == total else "a subset of"
-            lines.append(f"{entry.path}: ok, targets {kind} the first ({shared} of {total} layers)")
-        if entry.header is not None and entry in usable and union:
-            cost = padding_cost(entry.header, union, max_rank)
+    for entry, row in zip(entries, plan["files"], strict=True):
+        lines += [
+            f"{entry.path}:",
+            f"  {REFERENCE}: {row['verdict']}",
+            f"  {DIFFUSERS}: {diffusers_verdict(entry, entries, rejected)}",
+        ]
+        cost = row.get("padding")
+        if cost is not None and plan["union_targets"]:
             lines.append(
                 f"  padding at rank {max_rank}: {cost['macs_x']}x its LoRA multiply-adds and "
                 f"{_mib(cost['padded_bytes'])} against {_mib(cost['own_bytes'])} at its own rank; "
                 f"{cost['zero_layers']} union layers it leaves zero"
             )
+    refused = len(plan["files"]) - len(usable)
+    not_taken = sum(1 for problems in rejected.values() if problems)
+    lines.append(
+        f"{REFERENCE}: {len(usable)} ok, {refused} refused; "
+        f"{DIFFUSERS}: {len(entries) - not_taken} ok, {not_taken} rejected"
+    )
     return lines
 
 
@@ -191,7 +243,7 @@ def _mib(size: int) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    entries = _entries(args.paths)
+    entries, failures = _entries(args.paths)
     max_rank = args.max_rank
     rank_file = None
     if max_rank == AUTO:
@@ -200,23 +252,43 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         except CatalogError:
             max_rank = MAX_RANK.default
     rejected = judge(entries, max_rank)
+    plan = Catalog(", ".join(map(str, args.paths)), list(entries)).plan(max_rank)
+    for check in dict.fromkeys(args.check or ()):
+        if check == "reference":
+            refused = [row["path"] for row in plan["files"] if row["verdict"] != "ok"]
+            what = f"refused by the {REFERENCE}"
+        else:
+            refused = [str(entry.path) for entry in entries if rejected[entry.path]]
+            what = f"rejected by {DIFFUSERS}"
+        if refused:
+            failures.append(
+                f"--check {check}: {len(refused)} of {len(entries)} files {what}: "
+                f"{_sample(refused)}"
+            )
     if args.json:
-        catalog = Catalog(", ".join(map(str, args.paths)), list(entries))
-        plan = catalog.plan(max_rank)
         plan["max_rank_file"] = rank_file
         for row, entry in zip(plan["files"], entries, strict=True):
+            row["verdict_diffusers"] = diffusers_verdict(entry, entries, rejected)
             row["rejected"] = rejected[entry.path]
             row["subset_of_first"] = _subset_of_first(entry, entries)
         plan["limit"] = max_rank
         ranks = [e.header.rank for e in entries if e.header is not None]
         plan["max_rank"] = max(ranks, default=None)
+        plan["check"] = list(dict.fromkeys(args.check or ()))
+        plan["failures"] = failures
         print(json.dumps(plan, indent=2))
     else:
         for entry in entries:
             print("\n".join(format_adapter(entry, list_layers=args.layers)))
-        if len(entries) > 1 or rejected[entries[0].path]:
-            print("\n".join(format_plan(entries, max_rank, rejected)))
-    return 1 if any(rejected.values()) else 0
+        single = entries[0]
+        if len(entries) > 1 or (
+            single.header is not None
+            and (rejected[single.path] or plan["files"][0]["verdict"] != "ok")
+        ):
+            print("\n".join(format_plan(entries, max_rank, rejected, plan)))
+    for failure in failures:
+        print(f"pytest-hotswap inspect: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _subset_of_first(entry: CatalogEntry, entries: Sequence[CatalogEntry]) -> bool | None:
@@ -243,24 +315,61 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 # --- stacks: one table from the conformance reports of several stacks ----------------------------
 
 
+def conformance_matrix(name: str, report: Report) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The stack and the rows of a report's conformance matrix, every field checked: a problem
+    is a ``ReportError`` naming ``name`` and the field."""
+    matrix = report.extra.get("conformance")
+    if matrix is None:
+        raise ReportError(f"{name}: no conformance matrix in it (run the conformance suite)")
+    _expect(name, "conformance", matrix, dict, "an object")
+    stack = matrix.get("stack")
+    if stack is not None:
+        _string_map(name, "conformance.stack", stack, "package names to version strings")
+    rows = matrix.get("rows", [])
+    _expect(name, "conformance.rows", rows, list, "a list")
+    for index, row in enumerate(rows):
+        where = f"conformance.rows[{index}]"
+        _expect(name, where, row, dict, "an object")
+        _expect(name, f"{where}.scenario", row.get("scenario"), str, "a string")
+        _string_map(name, f"{where}.results", row.get("results"), "columns to verdict strings")
+    return (stack or report.versions), rows
+
+
+def _expect(name: str, field: str, value: Any, kind: type, what: str) -> None:
+    if not isinstance(value, kind):
+        raise ReportError(f"{name}: '{field}' must be {what}, got {_json_kind(value)}")
+
+
+def _string_map(name: str, field: str, value: Any, what: str) -> None:
+    _expect(name, field, value, dict, f"an object mapping {what}")
+    for key, item in value.items():
+        _expect(name, f"{field}.{key}", item, str, "a string")
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    kinds = {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
+    return f"a JSON {kinds.get(type(value), 'object' if isinstance(value, dict) else 'value')}"
+
+
 def stack_table(reports: dict[str, Report]) -> list[str]:
     """Stack by scenario: one row per (scenario, pipeline-implementation) cell, one column per
     stack, then what changes between stacks (the answer to "what changes if we upgrade?")."""
     from pytest_hotswap.report import format_table
 
     cells: dict[tuple[str, str], dict[str, str]] = {}
+    stacks: dict[str, dict[str, Any]] = {}
     for name, report in reports.items():
-        matrix = report.extra.get("conformance")
-        if not isinstance(matrix, dict):
-            raise ReportError(f"{name}: no conformance matrix in it (run the conformance suite)")
-        for row in matrix.get("rows", []):
+        stacks[name], rows = conformance_matrix(name, report)
+        for row in rows:
             for column, verdict in row["results"].items():
                 cells.setdefault((row["scenario"], column), {})[name] = verdict
     names = list(reports)
-    lines = []
-    for name, report in reports.items():
-        stack = report.extra["conformance"].get("stack") or report.versions
-        lines.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in stack.items()))
+    lines = [
+        f"{name}: " + ", ".join(f"{k} {v}" for k, v in stack.items())
+        for name, stack in stacks.items()
+    ]
     rows = [[s, c, *(v.get(n, "-") for n in names)] for (s, c), v in cells.items()]
     lines += format_table(["scenario", "column", *names], rows, indent="")
     changed = [row for row in rows if len(set(row[2:])) > 1]
@@ -275,7 +384,15 @@ def stack_table(reports: dict[str, Report]) -> list[str]:
 
 def _cmd_stacks(args: argparse.Namespace) -> int:
     try:
-        reports = {path.stem: Report.load(path) for path in args.reports}
+        reports: dict[str, Report] = {}
+        for path in args.reports:
+            if path.stem in reports:
+                raise ReportError(
+                    f"{path}: a second report named {path.stem!r}; stacks are named by file "
+                    "name, so give each report its own"
+                )
+            reports[path.stem] = Report.load(path)
+            conformance_matrix(str(path), reports[path.stem])  # errors name the file
         print("\n".join(stack_table(reports)))
     except ReportError as error:
         print(f"pytest-hotswap stacks: {error}", file=sys.stderr)
@@ -330,9 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Plan a hotswap of LoRA .safetensors files or a catalog folder (headers only)",
         description="Read adapter headers (no tensors) and report rank, alpha, targeted layers, "
         "text-encoder keys and format; with several files (or a folder), the plan: max rank, the "
-        "union of targets, each file's verdict and its padding cost. The first file is the one "
-        "loaded before compiling: each later file is checked as a hotswap into it. Exit 1 when a "
-        "file is unreadable or would be rejected",
+        "union of targets, each file's two verdicts and its padding cost. Verdicts: the "
+        "reference's (LoRA padded onto the union of every usable file's targets) and diffusers + "
+        "PEFT's (upstream: the first file is loaded before compiling and each later file may "
+        "target only its layers). Exit 0 when the inspection ran: verdicts are information, "
+        "refused files are listed, not failures. Exit 1 when a path given cannot be read as an "
+        "adapter (missing, unreadable, not a LoRA .safetensors file; a file inside a given folder "
+        "is a refused entry instead) or, with --check, when a file is refused; 2 on usage errors",
     )
     insp.add_argument(
         "paths", nargs="+", type=Path, metavar="PATH", help="Adapter files or folders"
@@ -343,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_RANK.default,
         help=f"The rank adapters are padded to (--hotswap-max-rank), or auto: the largest rank "
         f"of the files. Default: {MAX_RANK.default}",
+    )
+    insp.add_argument(
+        "--check",
+        choices=("reference", "diffusers"),
+        action="append",
+        help="Also exit 1 when any file is refused by this implementation's verdict: reference "
+        "(union padding) or diffusers (diffusers + PEFT, the first file's targets). Repeat for both",
     )
     insp.add_argument("--layers", action="store_true", help="List every targeted layer")
     insp.add_argument("--json", action="store_true", help="Print JSON for machines")
