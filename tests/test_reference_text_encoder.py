@@ -1,13 +1,26 @@
 """Issue 16, text encoders: with ``prepare_for_hotswap(pipe, ..., text_encoder=True)`` a swap is
 one transaction across the denoiser and the text encoder; compiled, neither recompiles, and both
-give the outputs of a fresh eager ``load_lora_weights`` of the same file. Slots span both."""
+give the outputs of a fresh eager ``load_lora_weights`` of the same file. Slots span both.
+
+On Flux the T5 encoder (``text_encoder_2``) takes part too: diffusers' Flux loader reads no T5
+keys, so its LoRA is put on with transformers' ``load_adapter`` (PEFT), and ``text_encoder_2.``
+keys in PEFT naming swap it."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-from reference_support import compile_environment, model_checksum, parameter_identity, tensor_layout
+from reference_support import (
+    compile_environment,
+    model_checksum,
+    parameter_identity,
+    read_metadata,
+    tensor_layout,
+    write_with_metadata,
+)
 
 from pytest_hotswap import pipelines
 from pytest_hotswap.adapters import make_lora
@@ -215,3 +228,199 @@ def test_a_replaced_text_encoder_is_detected(files) -> None:
         hotswap(pipe, files["B"])
     with pytest.raises(NotPreparedError):
         set_lora_scale(pipe, 0.5)
+
+
+# -- Flux: the T5 encoder, with its LoRA put on by PEFT -----------------------------------------
+
+FLUX_ENCODERS = ("text_encoder", "text_encoder_2")
+T5_TARGETS = ("q", "k", "v", "o", "wi", "wo")
+
+
+@pytest.fixture(scope="module")
+def flux_files(tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.Tensor], dict]]:
+    """Per adapter: a file with transformer, CLIP (``text_encoder.``) and T5 (``text_encoder_2.``)
+    keys, T5's LoRA in PEFT keys (unprefixed) and its ``LoraConfig`` fields. B targets a subset
+    of A's layers everywhere, at another rank and alpha."""
+    directory = tmp_path_factory.mktemp("t5")
+    with pipelines.quiet_diffusers():
+        t5 = pipelines.build_tiny_flux_pipeline().text_encoder_2
+    files = {}
+    for label, rank, alpha, targets, t5_targets, seed in (
+        ("A", 4, None, "all", T5_TARGETS, 1),
+        ("B", 8, 4, "half", ("q", "v", "wo"), 2),
+    ):
+        base = make_lora(
+            "flux",
+            directory / f"{label}_flux.safetensors",
+            rank=rank,
+            alpha=alpha,
+            targets=targets,
+            text_encoder=True,
+            seed=seed,
+        )
+        t5_state = _random_t5_lora(t5, rank, t5_targets, seed)
+        t5_config = {"r": rank, "lora_alpha": alpha or rank, "target_modules": list(t5_targets)}
+        metadata = read_metadata(base) | {f"text_encoder_2.{k}": v for k, v in t5_config.items()}
+        state = safetensors.torch.load_file(base)
+        state |= {f"text_encoder_2.{k}": v for k, v in t5_state.items()}
+        path = write_with_metadata(directory / f"{label}.safetensors", state, metadata)
+        files[label] = (path, t5_state, t5_config)
+    return files
+
+
+def _random_t5_lora(
+    t5: torch.nn.Module, rank: int, targets: tuple[str, ...], seed: int
+) -> dict[str, torch.Tensor]:
+    """Random LoRA weights in PEFT keys (what get_peft_model_state_dict gives) for the T5 layers
+    whose last name is one of ``targets``."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in t5.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] in targets:
+            shape_A, shape_B = (rank, module.in_features), (module.out_features, rank)
+            state[f"{name}.lora_A.weight"] = torch.randn(shape_A, generator=generator) * 0.3
+            state[f"{name}.lora_B.weight"] = torch.randn(shape_B, generator=generator) * 0.3
+    return state
+
+
+def _flux_pipeline(adapter) -> object:
+    """A fresh eager tiny Flux with the adapter loaded without the reference: transformer and
+    CLIP by diffusers' ``load_lora_weights``, T5 by transformers' ``load_adapter`` (PEFT)."""
+    from peft import LoraConfig
+
+    path, t5_state, t5_config = adapter
+    with pipelines.quiet_diffusers():
+        pipe = pipelines.build_tiny_flux_pipeline()
+        pipe.load_lora_weights(str(path), adapter_name="default")
+    pipe.text_encoder_2.load_adapter(
+        adapter_state_dict=t5_state, peft_config=LoraConfig(**t5_config), adapter_name="default"
+    )
+    return pipe
+
+
+def _flux_outputs(pipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CLIP's and T5's hidden states and one transformer call."""
+    with torch.no_grad():
+        clip = pipe.text_encoder(TOKENS)[0]
+        t5 = pipe.text_encoder_2(TOKENS)[0]
+        noise = pipe.transformer(**pipelines.flux_inputs(), return_dict=False)[0]
+    return clip, t5, noise
+
+
+def _assert_flux(got, expected, label: str) -> None:
+    for name, a, b in zip(("clip", "t5", "transformer"), got, expected, strict=True):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{label}, {name}: {m}")
+
+
+def _eager_parts(pipe) -> list[torch.nn.Module]:
+    return [pipe.transformer, *(getattr(pipe, name) for name in FLUX_ENCODERS)]
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, object]:
+    """What ``model_checksum`` and ``tensor_layout`` cover (every parameter's and buffer's bytes,
+    object, shape, stride, dtype, device and storage; every LoRA scaling; every adapter config),
+    for T5 too: its attention has a float ``scaling`` of its own, which those take for PEFT's."""
+    tensors: dict[str, object] = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "scaling", None), dict):
+            tensors.update({f"{name}.scaling.{k}": v for k, v in module.scaling.items()})
+    state = {
+        name: (
+            id(t),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+            t.device,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),
+        )
+        if isinstance(t, torch.Tensor)
+        else t
+        for name, t in tensors.items()
+    }
+    for adapter, config in getattr(model, "peft_config", {}).items():
+        state[f"peft_config.{adapter}"] = repr(config)
+    return state
+
+
+@pytest.fixture(scope="module")
+def flux_served(flux_files):
+    """Tiny Flux with A (transformer + CLIP + T5), prepared with text_encoder=True, T5 compiled
+    (eager backend; the SD tests above compile the denoiser and CLIP: here that costs seconds
+    and shows nothing new)."""
+    pipe = _flux_pipeline(flux_files["A"])
+    before = _flux_outputs(pipe)
+    index = prepare_for_hotswap(pipe, MAX_RANK, text_encoder=True)
+    assert index.components == ("", *FLUX_ENCODERS)
+    _assert_flux(_flux_outputs(pipe), before, "prepare")
+    eager = _eager_parts(pipe)
+    pipe.text_encoder_2 = torch.compile(pipe.text_encoder_2, backend="eager")
+    with CompileWatcher() as watch, watch.warmup("flux t5"):
+        first = _flux_outputs(pipe)
+    return pipe, eager, first
+
+
+def test_t5_lora_swaps_with_clip_and_transformer_without_recompiling(
+    flux_served, flux_files
+) -> None:
+    from diffusers.utils import scale_lora_layers
+
+    pipe, eager, first = flux_served
+    identity = [parameter_identity(m) for m in eager]
+    with CompileWatcher() as watch:
+        watch.step("B")
+        hotswap(pipe, flux_files["B"][0])
+        swapped = _flux_outputs(pipe)
+        expected_pipe = _flux_pipeline(flux_files["B"])
+        _assert_flux(swapped, _flux_outputs(expected_pipe), "B")
+        assert not torch.allclose(swapped[1], first[1])  # the T5 LoRA changed T5's output
+        watch.step("scale 0.5")
+        set_lora_scale(pipe, 0.5)
+        for module in _eager_parts(expected_pipe):
+            scale_lora_layers(module, 0.5)
+        _assert_flux(_flux_outputs(pipe), _flux_outputs(expected_pipe), "B, scale 0.5")
+        watch.step("A")
+        set_lora_scale(pipe, 1.0)
+        hotswap(pipe, flux_files["A"][0])
+        _assert_flux(_flux_outputs(pipe), _flux_outputs(_flux_pipeline(flux_files["A"])), "A")
+    watch.assert_no_recompile()
+    assert [parameter_identity(m) for m in eager] == identity
+    assert all(torch.equal(a, b) for a, b in zip(_flux_outputs(pipe), first, strict=True))
+
+
+def test_a_bad_t5_tensor_changes_nothing_anywhere(flux_served, flux_files) -> None:
+    pipe, eager, _ = flux_served
+    state = safetensors.torch.load_file(flux_files["B"][0])
+    key = next(k for k in sorted(state) if k.startswith("text_encoder_2.") and ".lora_A." in k)
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 1)
+    before = _flux_outputs(pipe)
+    snapshot = [_snapshot(m) for m in eager]
+    escaped = key.replace(".", r"\.")
+    with pytest.raises(ShapeMismatchError, match=rf"{escaped}: expected shape \(rank, 32\)"):
+        hotswap(pipe, state)
+    assert [_snapshot(m) for m in eager] == snapshot
+    with CompileWatcher() as watch:
+        again = _flux_outputs(pipe)
+    assert watch.compiles == 0
+    assert all(torch.equal(a, b) for a, b in zip(again, before, strict=True))
+
+
+def test_without_the_opt_in_t5_lora_is_left_alone_and_its_keys_refused(flux_files) -> None:
+    pipe = _flux_pipeline(flux_files["A"])
+    t5_before = _snapshot(pipe.text_encoder_2)
+    assert prepare_for_hotswap(pipe, MAX_RANK).components == ("",)
+    assert _snapshot(pipe.text_encoder_2) == t5_before  # not padded
+    # The transformer's keys and T5's: the T5 keys alone are what is refused.
+    state = {
+        k: v
+        for k, v in safetensors.torch.load_file(flux_files["B"][0]).items()
+        if not k.startswith("text_encoder.")
+    }
+    snapshot = [_snapshot(m) for m in _eager_parts(pipe)]
+    with pytest.raises(
+        TextEncoderLoraError, match=r"prepare_for_hotswap\(pipe, \.\.\., text_encoder=True\)"
+    ):
+        hotswap(pipe, state)
+    assert [_snapshot(m) for m in _eager_parts(pipe)] == snapshot

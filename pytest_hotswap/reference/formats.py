@@ -46,6 +46,13 @@ class TextEncoderSpec:
     layers: tuple[str, ...]  # the modules diffusers reads a rank for, in module order
     has_text_model: bool  # False for transformers' flattened CLIPTextModel
 
+    @property
+    def peft_only(self) -> bool:
+        """No module diffusers reads a rank for (T5): diffusers loads no LoRA into this encoder,
+        so its LoRA was put on with PEFT (``add_adapter`` / ``load_adapter``) and its keys are
+        PEFT's own (``<module>.lora_A.weight``), taken as they are, every layer's rank read."""
+        return not self.layers
+
 
 def text_encoder_spec(name: str, module: torch.nn.Module) -> TextEncoderSpec:
     """What the reader needs of the text encoder ``module`` (eager) named ``name``."""
@@ -409,7 +416,17 @@ def _denoiser_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 def _text_encoder_keys(
     state: dict[str, torch.Tensor], spec: TextEncoderSpec
 ) -> dict[str, torch.Tensor]:
-    """The conversions of diffusers' ``_load_lora_into_text_encoder``."""
+    """The conversions of diffusers' ``_load_lora_into_text_encoder``; PEFT keys as they are for
+    an encoder diffusers loads no LoRA into (its conversion knows only CLIP's module names)."""
+    if spec.peft_only:
+        odd = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+        if odd:
+            raise InvalidAdapterError(
+                f"{spec.name}.{odd[0]}: diffusers loads no LoRA into {spec.name}, so its keys "
+                "must be PEFT keys ('<module>.lora_A.weight' / '.lora_B.weight', as "
+                f"get_peft_model_state_dict writes them); {len(odd)} key(s) are not"
+            )
+        return state
     from diffusers.utils.state_dict_utils import (
         convert_state_dict_to_diffusers,
         convert_state_dict_to_peft,
@@ -530,9 +547,11 @@ def _text_encoder_config(
             for k, v in alphas.items()
             if k.startswith(spec.name) and k.split(".")[0] == spec.name
         }
-    # In module order, as diffusers' walk over text_encoder.named_modules() finds them.
+    # In module order, as diffusers' walk over text_encoder.named_modules() finds them; every
+    # layer of an encoder diffusers loads no LoRA into.
     ranks = {}
-    for name in spec.layers:
+    names = spec.layers or [k.removesuffix(".lora_B.weight") for k in tensors]
+    for name in names:
         key = f"{name}.lora_B.weight"
         if key in tensors and tensors[key].ndim > 1:
             ranks[key] = tensors[key].shape[1]
