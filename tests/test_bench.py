@@ -44,16 +44,20 @@ ROW_KEYS = {
     "end_to_end": {"run", "swap", "reads_file_per_swap", "seconds", "recompiles"},
     "plugin_overhead": {"case", "unit", "without_ms", "with_ms", "overhead_ms"},
     "installed_plugin": {"run", "wall_ms", "cpu_ms", "peak_mib", "torch_imported"},
-    "slots": {"model", "slots", "forward_ms", "forward_x_one_slot", "swap_ms", "swap_x_one_slot"},
+    "slots": {"model", "slots", "swap_ms"},
 }
+#: The two kinds of rows of the slots measurement: N slots, and the text-encoder opt-in.
+SLOT_KEYS = {"forward_ms", "forward_x_one_slot", "swap_x_one_slot"}
+TEXT_ENCODER_KEYS = {"text_encoder", "te_forward_ms", "te_forward_x_no_opt_in", "swap_x_no_opt_in"}
 #: A timed value in the JSON: its median and its spread.
 STAT_KEYS = {"median", "q1", "q3", "min", "max", "n"}
 #: Columns that hold a timed value (or a ratio of two) in every row that has them.
 TIMED = {
     key
-    for keys in ROW_KEYS.values()
+    for keys in [*ROW_KEYS.values(), SLOT_KEYS, TEXT_ENCODER_KEYS]
     for key in keys
-    if key.endswith(("_ms", "_x_reference", "_floor", "_one_slot", "_mib")) or key == "x_unpadded"
+    if key.endswith(("_ms", "_x_reference", "_floor", "_one_slot", "_mib", "_no_opt_in"))
+    or key == "x_unpadded"
 } - {"without_ms"}
 
 
@@ -158,10 +162,23 @@ def test_smoke_measures_the_installed_plugin_and_slots(smoke) -> None:
     for run in ("with plugin", "-p no:hotswap"):
         assert isinstance(installed[run]["torch_imported"], bool)
         assert installed[run]["peak_mib"]["median"] > 10
-    slots = measurements["slots"]["rows"]
+    slots = [row for row in measurements["slots"]["rows"] if "text_encoder" not in row]
     assert [(row["model"], row["slots"]) for row in slots] == [
         (model, n) for model in ("tiny-flux", "flux-deep") for n in (1, 2, 4)
     ]
+    assert all(set(row) >= SLOT_KEYS for row in slots)
+    # The text-encoder opt-in (smoke: the tiny CLIP only): forward and swap, with and without.
+    text_encoder = [row for row in measurements["slots"]["rows"] if "text_encoder" in row]
+    assert [(row["model"], row["text_encoder"]) for row in text_encoder] == [
+        ("tiny-sd", "no opt-in: no LoRA"),
+        ("tiny-sd", "LoRA rank 32, unpadded (diffusers load)"),
+        ("tiny-sd", "opt-in: LoRA padded to 128"),
+    ]
+    assert all(set(row) >= TEXT_ENCODER_KEYS for row in text_encoder)
+    off, unpadded, on = text_encoder
+    assert (off["te_lora_layers"], unpadded["te_lora_layers"], on["te_lora_layers"]) == (0, 12, 12)
+    assert unpadded["swap_ms"] == "-"  # not prepared: it cannot hotswap
+    assert set(on["swap_x_no_opt_in"]) == STAT_KEYS
     cases = [row["case"] for row in measurements["plugin_overhead"]["rows"]]
     assert cases == [
         "compiled call in a watcher",
@@ -170,6 +187,8 @@ def test_smoke_measures_the_installed_plugin_and_slots(smoke) -> None:
         "watcher scope enter + exit",
         "compiled call, isolate_recompiles=True",
         "no_recompile(fresh=True): reset + recompile",
+        "layout check around a swap (HotswapPipeline.swap)",
+        "cached pipeline hand-out (_reusable)",
         "pytest test, no_recompile",
         "pytest test, no_recompile(fresh=True)",
     ]

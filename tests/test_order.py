@@ -9,6 +9,7 @@ when the file runs whole and fails alone (dynamo keeps entries on the code objec
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -172,9 +173,49 @@ def downstream(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
-#: Alone, each test in its own process. The pipeline tests alone: the one an earlier test can
-#: hide (p2 after p1); p1 and p3 are first and last whole and reversed.
-ALONE = [nodeid for nodeid in EXPECTED if "test_p1_" not in nodeid and "test_p3_" not in nodeid]
+#: Each test alone, in a process of its own that has compiled nothing: one driver imports torch,
+#: diffusers and the plugin once and warms dynamo up on a frame of its own (then
+#: ``torch.compiler.reset()``), and forks a child per test that runs ``pytest.main`` on it. Every
+#: child starts with empty dynamo caches, as a fresh ``pytest <nodeid>`` does, without paying
+#: the imports and dynamo's first-use cost again (~10 s of CPU per test here).
+ALONE_DRIVER = """
+import os
+import sys
+import threading
+
+import torch
+import diffusers
+import peft
+import pytest
+import transformers
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+import pytest_hotswap.pipelines
+import pytest_hotswap.watch
+
+OPTIONS = {options!r}
+torch.set_num_threads(1)  # no OpenMP pool in the parent: a forked child may not inherit one
+
+
+def warm(x):
+    return x + 1
+
+
+torch.compile(warm, backend="eager", fullgraph=True)(torch.ones(2))
+torch.compiler.reset()
+assert not _debug_get_cache_entry_list(warm.__code__), "dynamo kept an entry"
+assert threading.active_count() == 1, "a thread in the parent: forking is not safe"
+for i, nodeid in enumerate(sys.argv[1:]):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = pytest.main([*OPTIONS, f"--basetemp=alone-{{i}}", nodeid])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code))
+    os.waitpid(pid, 0)
+"""
 
 
 def test_whole_alone_reversed_and_under_xdist_give_the_same_verdicts(
@@ -182,16 +223,13 @@ def test_whole_alone_reversed_and_under_xdist_give_the_same_verdicts(
 ) -> None:
     whole = downstream.runpytest_subprocess(*OPTIONS)
     runs = {"whole": _outcomes(whole)}
-    alone: dict[str, str] = {}
-    for nodeid in ALONE:
-        alone.update(_outcomes(downstream.runpytest_subprocess(*OPTIONS, nodeid)))
-    runs["each alone"] = alone
+    driver = downstream.makepyfile(alone=ALONE_DRIVER.format(options=OPTIONS))
+    runs["each alone"] = _outcomes(downstream.run(sys.executable, driver, *EXPECTED, timeout=600))
     with monkeypatch.context() as patch:
         patch.setenv("REVERSE_ITEMS", "1")
         runs["reversed"] = _outcomes(downstream.runpytest_subprocess(*OPTIONS))
     runs["-n 2"] = _outcomes(downstream.runpytest_subprocess(*OPTIONS, "-n", "2"))
-    assert runs["each alone"] == {k: v for k, v in EXPECTED.items() if k in ALONE}
-    for order in ("whole", "reversed", "-n 2"):
+    for order in ("whole", "each alone", "reversed", "-n 2"):
         assert runs[order] == EXPECTED, order
 
     # Run whole, test_f hits the width-6 entry test_d compiled on the shared model: a cache

@@ -284,6 +284,56 @@ def test_unet_lora_rank_change():
         compiled(**inputs)
 """
 
+TEST_QUIET = """
+import logging
+
+import pytest
+import torch
+
+X = torch.ones(3)
+
+
+@pytest.fixture(params=["setLevel", "set_logs"])
+def quiet_dynamo(request):
+    # what a downstream suite does to quiet dynamo, undone afterwards
+    dynamo = logging.getLogger("torch._dynamo")
+    level = dynamo.level
+    if request.param == "setLevel":
+        dynamo.setLevel(logging.ERROR)
+    else:
+        torch._logging.set_logs(dynamo=logging.ERROR)
+    yield
+    if request.param == "setLevel":
+        dynamo.setLevel(level)
+    else:
+        torch._logging.set_logs()
+
+
+MODE = "m"
+
+
+def _calls(count):
+    global MODE
+
+    def scaled(x):
+        return x * len(MODE)
+
+    compiled = torch.compile(scaled, backend="eager")
+    for length in range(1, count + 1):  # each length a recompile (a guard on the global)
+        MODE = "m" * length
+        compiled(X)
+
+
+@pytest.mark.no_recompile(max_recompiles=100)
+def test_quiet_storm(quiet_dynamo):
+    _calls(torch._dynamo.config.recompile_limit + 2)  # past recompile_limit: a storm
+
+
+@pytest.mark.no_recompile(max_recompiles=100)
+def test_quiet_no_storm(quiet_dynamo):
+    _calls(3)  # two recompiles, allowed
+"""
+
 TEST_ZZ_STATE = """
 from conftest import BEFORE, torch_state
 
@@ -304,6 +354,7 @@ def batch(
         "test_marked.py": TEST_MARKED,
         "test_module_mark.py": TEST_MODULE_MARK,
         "test_diffusers.py": TEST_DIFFUSERS,
+        "test_quiet.py": TEST_QUIET,
         "test_zz_state.py": TEST_ZZ_STATE,
     }
     for name, text in files.items():
@@ -339,7 +390,7 @@ def batch(
 
 def test_batch_outcomes(batch: tuple[pytest.RunResult, list[dict[str, str]]]) -> None:
     result, _ = batch
-    result.assert_outcomes(passed=7, failed=10)
+    result.assert_outcomes(passed=9, failed=12)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     failed = {
         line.split()[1].split(" ")[0] for line in result.outlines if line.startswith("FAILED ")
@@ -355,6 +406,8 @@ def test_batch_outcomes(batch: tuple[pytest.RunResult, list[dict[str, str]]]) ->
         "test_marked.py::TestClassMark::test_recompiles",
         "test_module_mark.py::test_module_marked_recompile",
         "test_diffusers.py::test_unet_lora_rank_change",
+        "test_quiet.py::test_quiet_storm[setLevel]",
+        "test_quiet.py::test_quiet_storm[set_logs]",
     }
 
 
@@ -424,6 +477,24 @@ def test_allowance_storm_setup_and_module_marks(batch) -> None:
     )
 
 
+def test_storm_fails_when_a_fixture_quiets_dynamo(batch) -> None:
+    """Issue 11: with dynamo's logger quieted (``setLevel`` or ``torch._logging.set_logs``), the
+    storm is read from dynamo's compile metrics; the quiet twin that stays under
+    ``recompile_limit`` passes (test_batch_outcomes)."""
+    result, _ = batch
+    for how in ("setLevel", "set_logs"):
+        result.stdout.fnmatch_lines(
+            [
+                f"*_ test_quiet_storm[[]{how}[]] _*",
+                "no_recompile: * recompiles (100 allowed)",
+                "*",
+                "recompile storm (recompile_limit hit, the frame now runs eagerly) before any "
+                "step: *",
+                "   guard: dynamo: Dynamo recompile limit exceeded",
+            ]
+        )
+
+
 def test_other_failure_still_shows_recompiles(batch) -> None:
     result, _ = batch
     result.stdout.fnmatch_lines(
@@ -456,7 +527,8 @@ def test_real_diffusers_frame_and_lora_guard(batch) -> None:
 def test_recompile_hook_gets_every_event(batch) -> None:
     _, events = batch
     by_test = {event["test"]: event for event in events}
-    assert len(events) == 13  # one per recompile, including the unmarked but watched tests
+    # one per recompile, including the unmarked but watched tests
+    assert len(events) == 33
     assert by_test["test_shape_change"]["step"] == "hotswap #2: style_b (rank 8)"
     assert "size mismatch" in by_test["test_shape_change"]["reason"]
     assert by_test["test_storm_fails_whatever_the_allowance"]["kind"] == "storm"
@@ -465,6 +537,13 @@ def test_recompile_hook_gets_every_event(batch) -> None:
     assert "test_unwatched_recompile_passes" not in by_test
     assert "test_one_allowed_one_happens" in by_test
     assert "test_clean_in_place_update" not in by_test
+    for how in ("setLevel", "set_logs"):
+        storm = [event["kind"] for event in events if event["test"] == f"test_quiet_storm[{how}]"]
+        assert storm == ["recompile"] * 7 + ["storm"], how
+        quiet = [
+            event["kind"] for event in events if event["test"] == f"test_quiet_no_storm[{how}]"
+        ]
+        assert quiet == ["recompile"] * 2, how
 
 
 STRICT_FILE = """

@@ -556,6 +556,28 @@ def test_a_storm_is_seen_in_the_compile_metrics_when_dynamos_logger_is_quiet() -
         watch.assert_no_recompile(max_recompiles=100)
 
 
+def test_a_storm_is_seen_in_the_compile_metrics_when_set_logs_quiets_dynamo() -> None:
+    """The other way a suite quiets dynamo: ``torch._logging.set_logs``, which also sets the
+    level of the ``torch._dynamo`` loggers the watcher's log sources read."""
+
+    def quadruple(x):
+        return x * 4
+
+    compiled = torch.compile(quadruple, backend="eager", isolate_recompiles=True, recompile_limit=2)
+    try:
+        with CompileWatcher() as watch:
+            torch._logging.set_logs(dynamo=logging.ERROR)
+            for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                compiled(torch.ones(3, dtype=dtype))
+    finally:
+        torch._logging.set_logs()
+    assert [event.kind for event in watch.events] == ["compile", "recompile", "storm"]
+    assert watch.events[-1].reasons[-1] == "dynamo: Dynamo recompile limit exceeded"
+    assert watch.events[-1].frame == "quadruple"  # from the frame's earlier records
+    with pytest.raises(RecompileError, match="recompile storm"):
+        watch.assert_no_recompile(max_recompiles=100)
+
+
 def test_isolate_compiles_makes_isolation_the_default_and_puts_torch_back() -> None:
     from pytest_hotswap.watch.caches import region_of
     from pytest_hotswap.watch.isolation import isolate_compiles

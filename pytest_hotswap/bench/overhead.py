@@ -13,6 +13,17 @@ depend on the backend), in this process:
 * ``no_recompile(fresh=True)``: ``torch.compiler.reset()`` and the first call that recompiles
   the model, against a warm call (per test);
 
+on the flux-deep shape (Flux's 19 + 38 blocks, every attention and MLP linear adapted: a real Flux
+LoRA's count of LoRA tensors; the smoke run takes the tiny Flux), prepared by the reference, compiled as the fixtures compile
+(``eager``) and wrapped in a ``HotswapPipeline``:
+
+* ``HotswapPipeline.swap`` (the layout check the fixtures make around every swap:
+  ``lora_layout()`` before, the comparison after) against the implementation's swap alone,
+  interleaved (per swap);
+* the cached-pipeline hand-out of the fixtures (``_reusable``: layout unchanged, compiled
+  entries as built, first adapter at full strength) on a pipeline as built, so no swap back
+  is needed (per test; a test that swapped adds one swap back);
+
 and in a pytest subprocess, whole tests (setup, call, teardown, timed with ``perf_counter`` by a
 conftest around each test's protocol): a ``no_recompile`` test and a ``no_recompile(fresh=True)``
 test against the same unmarked test, each making ``CALLS_PER_TEST`` calls; the three kinds
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import subprocess
@@ -35,11 +47,13 @@ from typing import Any
 
 import torch
 
-from pytest_hotswap import pipelines
+from pytest_hotswap import implementations, pipelines
 from pytest_hotswap.bench import goals, models
 from pytest_hotswap.bench.config import BenchConfig
 from pytest_hotswap.bench.results import Result, Stat
 from pytest_hotswap.bench.timing import difference, interleaved, pooled, split, time_ms
+from pytest_hotswap.options import HotswapOptions
+from pytest_hotswap.reference import prepare_for_hotswap
 from pytest_hotswap.watch import CompileWatcher
 from pytest_hotswap.watch.caches import snapshot
 
@@ -126,7 +140,11 @@ def run(config: BenchConfig, workdir: Path) -> Result:
         "Plugin overhead: without vs with each mechanism (ms, median [IQR]; overhead per round)",
         note=f"tiny Flux transformer, eager backend; pytest tests make {CALLS_PER_TEST} calls",
     )
-    result.rows = [*_in_process(config), *_pytest_tests(config, workdir)]
+    result.rows = [
+        *_in_process(config),
+        *_pipeline_checks(config, workdir),
+        *_pytest_tests(config, workdir),
+    ]
     result.targets = goals.evaluate(result)
     return result
 
@@ -266,6 +284,77 @@ def _in_process(config: BenchConfig) -> list[dict[str, Any]]:
         )
     )
     torch.compiler.reset()
+    return rows
+
+
+def _deep_pipeline(config: BenchConfig, workdir: Path) -> tuple[Any, list[Any]]:
+    """flux-deep (smoke: tiny Flux) with a first adapter, prepared by the reference, compiled with the ``eager``
+    backend as the fixtures compile, warmed up, in a ``HotswapPipeline``; and two adapters of
+    ``swap_rank`` to swap (the first is the pipeline's first adapter)."""
+    from pytest_hotswap.pipelines import HotswapPipeline, PipelineSpec
+
+    # The smoke run takes the tiny Flux: the deep one's compile is most of this measurement.
+    shape = models.TINY if config.smoke else models.flux_shapes(smoke=False)[2]
+    model = models.build_flux(shape, config)
+    loras = [
+        models.make_adapter(model, config.swap_rank, config.seed + i, workdir, config)
+        for i in range(2)
+    ]
+    models.load_adapter(model, loras[0], None)
+    prepare_for_hotswap(model, max_rank=config.max_rank)
+    pipelines.compile_denoiser(model, "eager")
+    call = models.flux_call(shape, config)
+    spec = PipelineSpec(shape.name, model, run=lambda **_: model(**call)[0])
+    options = HotswapOptions(max_rank=config.max_rank, device=config.device, dtype=config.dtype)
+    pipeline = HotswapPipeline(spec, implementations.get("reference"), options, loras[0])
+    pipeline.warm_up()  # the first compile; what the hand-out check compares against
+    return pipeline, loras
+
+
+def _pipeline_checks(config: BenchConfig, workdir: Path) -> list[dict[str, Any]]:
+    from pytest_hotswap.plugin.fixtures import _reusable
+
+    pipeline, loras = _deep_pipeline(config, workdir)
+    tensors = len(pipeline.lora_layout())
+    frames = len(snapshot())
+    with_check, without = itertools.cycle(loras), itertools.cycle(loras)
+    swaps = interleaved(
+        {
+            "swap": lambda: pipeline.impl.swap(pipeline.spec, next(without)),
+            "checked": lambda: pipeline.swap(next(with_check), label="layout bench"),
+        },
+        config.device,
+        max(config.repeats * 2, 10),
+        max_rounds=PER_CALL_ROUNDS,
+    )
+    rows = [
+        _row(
+            "layout check around a swap (HotswapPipeline.swap)",
+            "per swap",
+            pooled(swaps["swap"]),
+            pooled(swaps["checked"]),
+            difference(swaps["checked"], swaps["swap"]),
+            f"against the reference's swap alone; {pipeline.name}, {tensors} LoRA tensors",
+        )
+    ]
+    pipeline.swap(pipeline.first_lora, label="back to the first adapter")
+
+    def hand_out() -> None:
+        if not _reusable(pipeline):
+            raise RuntimeError("the bench pipeline was not reusable: nothing to measure")
+
+    checks = interleaved({"hand-out": hand_out}, "cpu", config.repeats)["hand-out"]
+    rows.append(
+        _row(
+            "cached pipeline hand-out (_reusable)",
+            "per test",
+            "-",
+            pooled(checks),
+            pooled(checks),
+            f"pipeline as built (no swap back); {tensors} LoRA tensors, reads the cache lists "
+            f"of {frames} compiled frames",
+        )
+    )
     return rows
 
 

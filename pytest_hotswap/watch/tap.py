@@ -137,6 +137,8 @@ class MetricsSource:
         self._emit = emit
         self._guards = guards
         self._storms = storms  # compile ids already reported as a storm
+        # frame id ("3" of "3/8") -> (name, file, line): a storm's record may carry none
+        self._frames: dict[str, tuple[str, str, int]] = {}
         self._known: dict[int, Any] = {}  # every metrics object seen, kept alive so ids stay unique
         self._flag_off_reported = False
         self.tap = LogTap(_METRICS_LOGGER, logging.INFO, self._on_record)
@@ -191,8 +193,14 @@ class MetricsSource:
 
     def _observe(self, metrics: Any, *, seen_in_log: bool) -> None:
         compile_id = metrics.compile_id or "?"
-        frame, filename = metrics.co_name or "?", metrics.co_filename or ""
-        lineno = metrics.co_firstlineno or 0
+        frame_id = compile_id.lstrip("!").split("/")[0]
+        if metrics.co_name:
+            self._frames[frame_id] = (
+                metrics.co_name,
+                metrics.co_filename or "",
+                metrics.co_firstlineno or 0,
+            )
+        frame, filename, lineno = self._frames.get(frame_id, ("?", "", 0))
         if _LIMIT_EXCEEDED in (metrics.fail_reason or "").lower():
             if compile_id not in self._storms:  # the convert_frame warning was quieted
                 self._storms.add(compile_id)
