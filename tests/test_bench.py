@@ -187,6 +187,7 @@ def test_smoke_measures_the_installed_plugin_and_slots(smoke) -> None:
         "watcher scope enter + exit",
         "compiled call, isolate_recompiles=True",
         "no_recompile(fresh=True): reset + recompile",
+        "fresh automatic-dynamic record (watch.profile)",
         "layout check around a swap (HotswapPipeline.swap)",
         "cached pipeline hand-out (_reusable)",
         "pytest test, no_recompile",

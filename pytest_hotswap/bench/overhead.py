@@ -54,7 +54,7 @@ from pytest_hotswap.bench.results import Result, Stat
 from pytest_hotswap.bench.timing import difference, interleaved, pooled, split, time_ms
 from pytest_hotswap.options import HotswapOptions
 from pytest_hotswap.reference import prepare_for_hotswap
-from pytest_hotswap.watch import CompileWatcher
+from pytest_hotswap.watch import CompileWatcher, profile
 from pytest_hotswap.watch.caches import snapshot
 
 CALLS_PER_TEST = 20
@@ -281,6 +281,24 @@ def _in_process(config: BenchConfig) -> list[dict[str, Any]]:
             Stat.of(fresh),
             Stat.of(f - Stat.of(warm).median for f in fresh),
             "torch.compiler.reset() and the first call, against a warm call",
+        )
+    )
+
+    records = profile.snapshot()  # dynamo's automatic-dynamic record after the compiles above
+    resets = interleaved(
+        {"none": lambda: None, "reset": lambda: (profile.reset(), profile.restore(records))},
+        config.device,
+        max(config.repeats * 2, 10),
+        max_rounds=PER_CALL_ROUNDS,
+    )
+    rows.append(
+        _row(
+            "fresh automatic-dynamic record (watch.profile)",
+            "per test",
+            pooled(resets["none"]),
+            pooled(resets["reset"]),
+            difference(resets["reset"], resets["none"]),
+            f"emptied, then a cached pipeline's record put back ({len(records)} code objects)",
         )
     )
     torch.compiler.reset()

@@ -195,6 +195,8 @@ class PipelineCache:
         self.session = session
         self.loras = loras
         self._built: dict[tuple[Any, ...], HotswapPipeline | BaseException] = {}
+        # Dynamo's automatic-dynamic profile each pipeline's build left (watch.profile).
+        self._profiles: dict[tuple[Any, ...], dict[Any, Any]] = {}
 
     def get(self, configuration: Configuration) -> HotswapPipeline:
         """The configuration's pipeline on its first adapter at full strength, built if need be."""
@@ -202,13 +204,19 @@ class PipelineCache:
         cached = self._built.get(key)
         if isinstance(cached, BaseException):  # a broken configuration fails each test, built once
             raise cached
-        if cached is not None and _reusable(cached):
-            return cached
+        from pytest_hotswap.watch import profile
+
+        if cached is not None:
+            profile.restore(self._profiles[key])  # what a fresh process has after this build
+            if _reusable(cached):
+                return cached
+        before = profile.snapshot()
         try:
             self._built[key] = self.build(configuration)
         except Exception as error:
             self._built[key] = error
             raise
+        self._profiles[key] = profile.changed(before, profile.snapshot())
         return self._built[key]  # type: ignore[return-value]
 
     def discard(self, pipeline: HotswapPipeline) -> None:

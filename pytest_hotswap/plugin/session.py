@@ -192,11 +192,12 @@ class HotswapSession:
         if state is None:
             self.isolate()  # an unwatched test that compiles must not share entries either
             return
-        from pytest_hotswap.watch import CompileWatcher
+        from pytest_hotswap.watch import CompileWatcher, profile
 
         self.isolate()
         if state.fresh:
             self.reset_dynamo()
+        profile.reset()  # dynamo's automatic-dynamic record starts empty, as in a fresh process
         state.watcher = CompileWatcher().__enter__()
 
     def reset_dynamo(self) -> None:

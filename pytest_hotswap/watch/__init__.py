@@ -3,7 +3,8 @@
 ``CompileWatcher`` (``watcher.py``) counts what happens inside its scope from what torch already
 records (``tap.py``) and from dynamo's cache lists read between steps (``caches.py``);
 ``events.py`` holds what it records and how that reads; ``isolation.py`` gives every
-``torch.compile`` call its own cache entries, so a verdict does not depend on what ran before.
+``torch.compile`` call its own cache entries, so a verdict does not depend on what ran before;
+``profile.py`` does the same for dynamo's process-wide automatic-dynamic record.
 """
 
 from __future__ import annotations
