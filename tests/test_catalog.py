@@ -1,8 +1,8 @@
 """Your pipeline, your adapters: a saved pipeline folder, an adapter catalog, max rank ``auto``.
 
-The tiny SD pipeline is saved with ``save_pretrained`` and a catalog of every key style and limit
-is generated for it (``make_catalog``); the fixtures and the conformance suite then run on them
-through the path forms of the options, as a team's CI job does.
+The tiny SD and Flux pipelines are saved with ``save_pretrained`` and a catalog of every key style
+and limit is generated for each (``make_catalog``); the fixtures and the conformance suite then run
+on them through the path forms of the options, as a team's CI job does.
 """
 
 from __future__ import annotations
@@ -29,26 +29,92 @@ def test_swap(hotswap_pipeline, lora_factory):
     before = hotswap_pipeline.run()
     hotswap_pipeline.swap(lora_factory(hotswap_pipeline, rank=4, seed=1))
     assert not (hotswap_pipeline.run() == before).all()
+
+
+def _first_even_then_odd(factory, catalog, options, implementation):
+    # 01 targets every second layer, 02 the others: only a pipeline padded onto the catalog's
+    # union of targets takes 02 after 01 (the reference, by default with a catalog).
+    files = {entry.name: entry.path for entry in catalog.entries}
+    first = files["01-even-r8.safetensors"]
+    pipeline = factory(options.pipelines[0], implementation, first_lora=first)
+    return pipeline, files["02-odd-r8.safetensors"]
+
+
+@pytest.mark.no_recompile
+def test_disjoint_catalog_files_swap_in(hotswap_pipeline_factory, hotswap_catalog, hotswap_options):
+    pipeline, odd = _first_even_then_odd(
+        hotswap_pipeline_factory, hotswap_catalog, hotswap_options, "reference"
+    )
+    before = pipeline.run()
+    pipeline.swap(odd)
+    assert not (pipeline.run() == before).all()
+
+
+def test_without_the_union_a_disjoint_file_is_refused(
+    hotswap_pipeline_factory, hotswap_catalog, hotswap_options
+):
+    pipeline, odd = _first_even_then_odd(
+        hotswap_pipeline_factory, hotswap_catalog, hotswap_options, "diffusers"
+    )
+    with pytest.raises((ValueError, RuntimeError)):
+        pipeline.swap(odd)
 """
 
+#: Per saved pipeline: the catalog plan line the fixture test prints (max rank, layers in the
+#: union of targets, each file's verdict), and the conformance rows of a short run (-k).
+DEFECT, PASS = "upstream defect", "pass"
+SAVED = {
+    "sd": (
+        # SD UNet: 83 Linear / Conv2d layers; 8 files, three refused (PEFT keys, text encoder,
+        # DoRA).
+        "*PLAN 64 83 ok,ok,ok,ok,ok,refused,refused,refused*",
+        "same_rank or (catalog and (01 or 02 or 04 or 05 or 06))",
+        {
+            "same rank": (PASS, PASS),
+            "catalog: 01-even-r8.safetensors": (PASS, PASS),
+            "catalog: 02-odd-r8.safetensors": (DEFECT, PASS),  # disjoint: only the union takes it
+            "catalog: 04-r16.safetensors": (DEFECT, PASS),  # kohya keys, every layer
+            "catalog: 05-pattern-r4-64.safetensors": (DEFECT, PASS),  # max rank auto: 64
+            "catalog: 06-peft-keys-r8.safetensors": (
+                "not supported",
+                "refused: PEFT-native keys (base_model.model.)",
+            ),
+        },
+    ),
+    "flux": (
+        # Flux transformer: 28 Linear layers; the same eight files.
+        "*PLAN 64 28 ok,ok,ok,ok,ok,refused,refused,refused*",
+        "same_rank or (catalog and (01 or 02))",
+        {
+            "same rank": (PASS, PASS),
+            "catalog: 01-even-r8.safetensors": (PASS, PASS),
+            "catalog: 02-odd-r8.safetensors": (DEFECT, PASS),
+        },
+    ),
+}
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A saved tiny SD pipeline folder, and a generated catalog folder for it."""
+
+@pytest.fixture(scope="module", params=sorted(SAVED))
+def saved(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """A saved tiny pipeline folder (``my_sd``, ``my_flux``), and a generated catalog for it."""
     from pytest_hotswap.adapters import make_catalog
-    from pytest_hotswap.pipelines import build_tiny_sd_pipeline
+    from pytest_hotswap.pipelines import build_tiny_flux_pipeline, build_tiny_sd_pipeline
 
-    root = tmp_path_factory.mktemp("saved")
-    pipe = build_tiny_sd_pipeline()
-    pipe.save_pretrained(root / "my_sd")
+    build = {"sd": build_tiny_sd_pipeline, "flux": build_tiny_flux_pipeline}[request.param]
+    root = tmp_path_factory.mktemp(f"saved-{request.param}")
+    pipe = build()
+    pipe.save_pretrained(root / f"my_{request.param}")
     make_catalog(pipe, root / "loras")
-    return root / "my_sd", root / "loras"
+    return root / f"my_{request.param}", root / "loras"
 
 
 def test_fixtures_on_a_saved_folder_with_a_catalog_and_auto_max_rank(
     pytester: pytest.Pytester, saved: tuple[Path, Path]
 ) -> None:
     folder, loras = saved
+    plan_line = SAVED[folder.name.removeprefix("my_")][0]
     pytester.makepyfile(test_mine=USES_THEM)
     result = pytester.runpytest_subprocess(
         f"--hotswap-pipelines={folder}",
@@ -60,15 +126,17 @@ def test_fixtures_on_a_saved_folder_with_a_catalog_and_auto_max_rank(
         "-s",
         "-v",
     )
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=5)
     result.stdout.fnmatch_lines_random(
         [
             f"hotswap: * | max_rank=64 (auto: {loras}/05-pattern-r4-64.safetensors) backend=eager*",
             f"hotswap catalog: {loras}",
             # 8 files: 64 is the largest rank; three refused (PEFT-native keys, text encoder, DoRA).
-            "*PLAN 64 83 ok,ok,ok,ok,ok,refused,refused,refused*",
-            "*test_swap?my_sd-diffusers? PASSED*",
-            "*test_swap?my_sd-reference? PASSED*",
+            plan_line,
+            f"*test_swap?{folder.name}-diffusers? PASSED*",
+            f"*test_swap?{folder.name}-reference? PASSED*",
+            "*test_disjoint_catalog_files_swap_in PASSED*",
+            "*test_without_the_union_a_disjoint_file_is_refused PASSED*",
         ]
     )
 
@@ -77,6 +145,7 @@ def test_conformance_on_a_saved_folder_and_its_catalog(
     pytester: pytest.Pytester, saved: tuple[Path, Path]
 ) -> None:
     folder, loras = saved
+    _, chosen, expected = SAVED[folder.name.removeprefix("my_")]
     report = pytester.path / "report.json"
     result = pytester.runpytest_subprocess(
         "--pyargs",
@@ -87,26 +156,15 @@ def test_conformance_on_a_saved_folder_and_its_catalog(
         "--hotswap-backend=eager",
         f"--hotswap-report={report}",
         "-k",
-        "same_rank or (catalog and (01 or 02 or 04 or 05 or 06))",
+        chosen,
         "-p",
         "no:cacheprovider",
     )
     assert result.ret == 0, result.stdout.str()
     matrix = json.loads(report.read_text())["conformance"]
-    assert matrix["columns"] == ["my_sd-diffusers", "my_sd-reference"]
+    assert matrix["columns"] == [f"{folder.name}-diffusers", f"{folder.name}-reference"]
     rows = {row["scenario"]: tuple(row["results"].values()) for row in matrix["rows"]}
-    defect, refused = "upstream defect", "refused: "
-    assert rows == {
-        "same rank": ("pass", "pass"),
-        "catalog: 01-even-r8.safetensors": ("pass", "pass"),
-        "catalog: 02-odd-r8.safetensors": (defect, "pass"),  # disjoint: only the union takes it
-        "catalog: 04-r16.safetensors": (defect, "pass"),  # kohya keys, every layer
-        "catalog: 05-pattern-r4-64.safetensors": (defect, "pass"),  # max rank auto: 64
-        "catalog: 06-peft-keys-r8.safetensors": (
-            "not supported",
-            refused + "PEFT-native keys (base_model.model.)",
-        ),
-    }
+    assert rows == expected
 
 
 @pytest.mark.parametrize(

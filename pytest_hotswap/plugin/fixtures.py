@@ -224,7 +224,7 @@ class PipelineCache:
         self._built = {k: v for k, v in self._built.items() if v is not pipeline}
 
     def build(self, configuration: Configuration) -> HotswapPipeline:
-        from pytest_hotswap.implementations import Preparation
+        from pytest_hotswap.implementations import FEATURE_TARGETS, Preparation
         from pytest_hotswap.pipelines import build_hotswap_pipeline
 
         try:
@@ -242,6 +242,10 @@ class PipelineCache:
             )
         )
         spec = self.session.build_spec(configuration.name, options)
+        targets = configuration.targets
+        chose_layers = configuration.first_targets != "all"
+        if targets is None and not chose_layers and FEATURE_TARGETS in implementation.features:
+            targets = self._catalog_targets(spec, configuration)
         first: Any = configuration.first_lora
         if first is None:
             rank = min(FIRST_ADAPTER_RANK, options.max_rank)
@@ -256,12 +260,29 @@ class PipelineCache:
             implementation,
             first,
             options,
-            targets=configuration.targets,
+            targets=targets,
             text_encoder=configuration.text_encoder,
             slots=configuration.slots,
         )
         pipeline.source = configuration.name
         return pipeline
+
+    def _catalog_targets(
+        self, spec: PipelineSpec, configuration: Configuration
+    ) -> tuple[str, ...] | None:
+        """With ``--hotswap-adapters``, every usable file of the catalog: an implementation that
+        can pad the union of targets does, so any catalog file hotswaps into its pipelines
+        (``first_lora=<a catalog file>``, then any other). A configuration that chose its
+        layers (``targets``, ``first_targets``) gets exactly what it chose."""
+        catalog = self.session.catalog
+        if catalog is None:
+            return None
+        usable = catalog.usable(
+            configuration.options.max_rank,
+            text_encoder=configuration.text_encoder,
+            diffusers=spec.has_lora_loader,
+        )
+        return tuple(str(entry.path) for entry in usable) or None
 
 
 def _reusable(pipeline: HotswapPipeline) -> bool:
@@ -305,10 +326,12 @@ class PipelineFactory:
     ``hotswap`` marker, which beats the command line. ``first_targets`` chooses the layers the
     first adapter targets ("all", "half" or module names), e.g. to test a superset swap, or
     ``first_lora`` gives the first adapter's file; ``targets`` pads LoRA onto the union of these
-    layers or adapters' targets, ``text_encoder=True`` hotswaps the text encoders too and
-    ``slots=N`` gives N weighted adapter slots (reference implementation). The pipeline comes from
-    the session cache with its first adapter loaded, and describes itself in the test's
-    ``compile_watcher.context``.
+    layers or adapters' targets (with ``--hotswap-adapters``, unless ``targets`` or
+    ``first_targets`` is given: every usable file of the catalog) and ``text_encoder=True``
+    hotswaps the text encoders too (reference implementation); ``slots=N`` gives N weighted
+    adapter slots (reference; diffusers: adapters weighted with ``set_adapters``). The pipeline
+    comes from the session cache with its first adapter loaded, and describes itself in the
+    test's ``compile_watcher.context``.
     """
 
     cache: PipelineCache
