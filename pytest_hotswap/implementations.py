@@ -3,8 +3,9 @@ it is known to get wrong.
 
 * ``diffusers``: diffusers + PEFT as installed: ``enable_lora_hotswap`` before the first load,
   ``load_lora_weights(..., hotswap=True)`` per swap, strength through the pipeline's
-  ``*_attention_kwargs={"scale": s}`` call argument (a model without a diffusers loader goes
-  through PEFT, which is what diffusers calls inside);
+  ``*_attention_kwargs={"scale": s}`` call argument, adapter slots as adapters weighted with
+  ``set_adapters`` (a model without a diffusers loader goes through PEFT, which is what
+  diffusers calls inside);
 * ``peft``: PEFT's own functions on the loaded model: ``prepare_model_for_compiled_hotswap`` after
   the first load, ``hotswap_adapter_from_state_dict`` per swap;
 * ``reference``: pytest-hotswap's strict, atomic reference (``pytest_hotswap.reference``).
@@ -17,6 +18,7 @@ Nothing here imports torch, diffusers or PEFT at module level.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -61,8 +63,8 @@ class Implementation:
     """One way of hotswapping. Subclasses override the steps they do differently.
 
     The recipe calls, in order: :meth:`before_load`, :meth:`load_first` (a plain load),
-    :meth:`after_load`; then quantizes, compiles and warms up. A test's pipeline then calls
-    :meth:`swap` and :meth:`strength`.
+    :meth:`after_load`, :meth:`load_slots` (with adapter slots); then quantizes, compiles and
+    warms up. A test's pipeline then calls :meth:`swap` and :meth:`strength`.
     """
 
     name: ClassVar[str] = ""
@@ -95,6 +97,9 @@ class Implementation:
     def after_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
         """Pad to the max rank and turn scalings into tensors, if done after loading."""
 
+    def load_slots(self, spec: PipelineSpec, lora: LoraSource, preparation: Preparation) -> None:
+        """Fill adapter slots 1 .. N-1 before compiling (only called with ``slots > 1``)."""
+
     def swap(self, spec: PipelineSpec, lora: LoraSource, *, slot: int = 0) -> None:
         raise NotImplementedError
 
@@ -112,8 +117,19 @@ class Implementation:
         """
         return (ValueError, RuntimeError)
 
+    def defects_for(self, stack: Mapping[str, str] | None = None) -> list[KnownDefect]:
+        """One known defect per scenario: the one verified on ``stack`` (the installed one by
+        default) where a defect shows differently across versions, else the first listed."""
+        chosen: dict[str, KnownDefect] = {}
+        for defect in self.known_defects:
+            if defect.scenario not in chosen or (
+                not chosen[defect.scenario].verified_on(stack) and defect.verified_on(stack)
+            ):
+                chosen[defect.scenario] = defect
+        return list(chosen.values())
+
     def defect(self, scenario: str) -> KnownDefect | None:
-        return next((d for d in self.known_defects if d.scenario == scenario), None)
+        return next((d for d in self.defects_for() if d.scenario == scenario), None)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -133,9 +149,31 @@ _RANK_PATTERN_DEFECT = (
 )
 
 
+_SET_ADAPTERS_RECOMPILES = (
+    "set_adapters writes each adapter's weight into PEFT's scaling as a Python float, which "
+    "dynamo guards on: switching a slot off or on, or any new weight, recompiles "
+    "(huggingface/diffusers#11408)"
+)
+_SET_ADAPTERS_AFTER_HOTSWAP = (
+    "PEFT's hotswap writes the new adapter's scaling but keeps the replaced adapter's lora_alpha "
+    "and r, from which set_adapters computes every later weight: the swapped-in adapter is "
+    "scaled with the old one's alpha / r, so the output is not that of a plain load (and each "
+    "new weight recompiles, huggingface/diffusers#11408)"
+)
+
+
+def slot_adapter_name(slot: int) -> str:
+    """The adapter name of a slot in diffusers + PEFT: ``"default"``, then ``"slot1"`` ..."""
+    return ADAPTER_NAME if slot == 0 else f"slot{slot}"
+
+
 class DiffusersImplementation(Implementation):
+    """Slots are what diffusers offers for several weighted adapters: one loaded adapter per
+    slot (the first adapter again until a swap fills it), weights through ``set_adapters``."""
+
     name = "diffusers"
     description = "diffusers + PEFT as installed (load_lora_weights(hotswap=True))"
+    features = frozenset({FEATURE_SLOTS})
     known_defects = (
         KnownDefect(
             "rank_over_max",
@@ -178,7 +216,17 @@ class DiffusersImplementation(Implementation):
             KnownDefect.RECOMPILES,
             verified=VERIFIED,
         ),
+        KnownDefect(
+            "two_adapters", _SET_ADAPTERS_AFTER_HOTSWAP, KnownDefect.WRONG_OUTPUT, verified=VERIFIED
+        ),
+        KnownDefect(
+            "slot_off_on", _SET_ADAPTERS_RECOMPILES, KnownDefect.RECOMPILES, verified=VERIFIED
+        ),
     )
+
+    def __init__(self) -> None:
+        # The weight of each slot, per diffusers pipeline (set_adapters takes them all at once).
+        self._weights: weakref.WeakKeyDictionary[Any, list[float]] = weakref.WeakKeyDictionary()
 
     def before_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
         """diffusers pads the first adapter while loading it: it needs the max rank before."""
@@ -189,6 +237,26 @@ class DiffusersImplementation(Implementation):
         if not spec.has_lora_loader:  # a bare model: what diffusers does inside, through PEFT
             PeftImplementation().after_load(spec, preparation)
 
+    def load_slots(self, spec: PipelineSpec, lora: LoraSource, preparation: Preparation) -> None:
+        """Load the first adapter again as ``slot1`` ..., every slot but the first weighted 0."""
+        if not spec.has_lora_loader:
+            raise UnsupportedFeatureError(
+                f"the {self.name!r} implementation has adapter slots only through a diffusers "
+                "pipeline's set_adapters; use implementation 'reference' for a bare model"
+            )
+        from pytest_hotswap.pipelines.recipe import quiet_diffusers
+
+        with quiet_diffusers():
+            for slot in range(1, preparation.slots):
+                spec.pipe.load_lora_weights(_loadable(lora), adapter_name=slot_adapter_name(slot))
+        weights = [1.0] + [0.0] * (preparation.slots - 1)
+        self._set_adapters(spec.pipe, weights)
+
+    def _set_adapters(self, pipe: Any, weights: list[float]) -> None:
+        names = [slot_adapter_name(slot) for slot in range(len(weights))]
+        pipe.set_adapters(names, adapter_weights=weights)
+        self._weights[pipe] = weights
+
     def swap(self, spec: PipelineSpec, lora: LoraSource, *, slot: int = 0) -> None:
         if not spec.has_lora_loader:
             PeftImplementation().swap(spec, lora, slot=slot)
@@ -196,11 +264,22 @@ class DiffusersImplementation(Implementation):
         from pytest_hotswap.pipelines.recipe import quiet_diffusers
 
         with quiet_diffusers():
-            spec.pipe.load_lora_weights(_loadable(lora), hotswap=True, adapter_name=ADAPTER_NAME)
+            spec.pipe.load_lora_weights(
+                _loadable(lora), hotswap=True, adapter_name=slot_adapter_name(slot)
+            )
 
     def strength(
         self, pipeline: HotswapPipeline, scale: float, *, slot: int | None = None
     ) -> dict[str, Any]:
+        weights = self._weights.get(pipeline.spec.pipe) if pipeline.spec.has_lora_loader else None
+        if weights is not None:  # slots: every adapter's weight through set_adapters
+            weights = list(weights)
+            for index in range(len(weights)) if slot is None else [slot]:
+                weights[index] = scale
+            self._set_adapters(pipeline.spec.pipe, weights)
+            return {}
+        if slot:
+            raise UnsupportedFeatureError(f"{pipeline.name}: no adapter slots were prepared")
         keyword = pipeline.spec.strength_keyword
         if keyword is None:
             raise UnsupportedFeatureError(

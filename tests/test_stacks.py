@@ -50,6 +50,37 @@ def test_too_old_names_the_package_the_version_found_and_the_one_needed():
     ]
 
 
+@pytest.mark.parametrize(
+    ("peft", "failure"),
+    [
+        ("0.21.2", KnownDefect.NOT_REJECTED),  # the first one, verified here
+        ("0.19.1", KnownDefect.MODEL_CHANGED),  # the variant verified on older PEFTs
+        ("0.23.0", KnownDefect.NOT_REJECTED),  # neither verified: the first one listed
+    ],
+)
+def test_a_defect_that_shows_differently_by_version_is_chosen_by_the_stack(peft, failure):
+    from pytest_hotswap.implementations import Implementation
+
+    class Upstream(Implementation):
+        name = "upstream"
+        known_defects = (
+            DEFECT,
+            KnownDefect(
+                "rank_over_max",
+                "refused, then the adapter deleted",
+                KnownDefect.MODEL_CHANGED,
+                verified={"diffusers": ">=0.40,<=0.42.1", "peft": ">=0.18,<0.20"},
+            ),
+            KnownDefect("strength_change", "recompiles", KnownDefect.RECOMPILES),
+        )
+
+    defects = Upstream().defects_for({**PINNED, "peft": peft})
+    assert [(d.scenario, d.failure) for d in defects] == [
+        ("rank_over_max", failure),
+        ("strength_change", KnownDefect.RECOMPILES),
+    ]
+
+
 def test_a_bad_specifier_is_refused_when_the_table_is_written():
     with pytest.raises(ValueError, match="'>=zero' is not a version specifier"):
         KnownDefect("x", "y", KnownDefect.RECOMPILES, verified={"peft": ">=zero"})

@@ -363,7 +363,7 @@ def _stack_verified(session: Any) -> str:
 
 def _known(session: Any, name: str) -> tuple[KnownDefect, ...]:
     try:
-        return session.implementations[name].known_defects
+        return tuple(session.implementations[name].defects_for())
     except KeyError:
         return ()
 

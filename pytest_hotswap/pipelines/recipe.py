@@ -60,6 +60,8 @@ def build_hotswap_pipeline(
     implementation.before_load(spec, preparation)
     implementation.load_first(spec, first_lora)
     implementation.after_load(spec, preparation)
+    if slots > 1:
+        implementation.load_slots(spec, first_lora, preparation)
     quantize_denoiser(spec.denoiser, options.quantize)
     compile_denoiser(spec.denoiser, options.backend, options.mode, fullgraph=spec.fullgraph)
     if text_encoder:

@@ -134,7 +134,7 @@ class HotswapSession:
             d
             for name in o.implementations
             if name in self.implementations
-            for d in self.implementations[name].known_defects
+            for d in self.implementations[name].defects_for()
         ]
         verified = (
             "verified"
