@@ -63,7 +63,7 @@ def model_checksum(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(_tensor_bytes(tensor))
     for name, module in model.named_modules():
-        for adapter, scaling in sorted(getattr(module, "scaling", {}).items()):
+        for adapter, scaling in sorted(_lora_scalings(module).items()):
             digest.update(f"{name}.scaling.{adapter}".encode())
             digest.update(
                 _tensor_bytes(scaling)
@@ -84,13 +84,19 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     )
 
 
+def _lora_scalings(module: torch.nn.Module) -> dict[str, Any]:
+    """PEFT's per-adapter scalings of a LoRA layer; not the float ``scaling`` of T5's attention."""
+    scaling = getattr(module, "scaling", None)
+    return scaling if isinstance(scaling, dict) else {}
+
+
 def tensor_layout(model: torch.nn.Module) -> dict[str, tuple[Any, ...]]:
     """Every parameter, buffer and LoRA scaling tensor: object, shape, stride, dtype, device and
     storage (pointer and offset). A swap or a refused swap must leave all of it as it was."""
     tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     for name, module in model.named_modules():
-        for adapter, scaling in getattr(module, "scaling", {}).items():
+        for adapter, scaling in _lora_scalings(module).items():
             if isinstance(scaling, torch.Tensor):
                 tensors[f"{name}.scaling.{adapter}"] = scaling
     return {

@@ -316,33 +316,10 @@ def _eager_parts(pipe) -> list[torch.nn.Module]:
     return [pipe.transformer, *(getattr(pipe, name) for name in FLUX_ENCODERS)]
 
 
-def _snapshot(model: torch.nn.Module) -> dict[str, object]:
-    """What ``model_checksum`` and ``tensor_layout`` cover (every parameter's and buffer's bytes,
-    object, shape, stride, dtype, device and storage; every LoRA scaling; every adapter config),
-    for T5 too: its attention has a float ``scaling`` of its own, which those take for PEFT's."""
-    tensors: dict[str, object] = dict(model.named_parameters())
-    tensors.update(model.named_buffers())
-    for name, module in model.named_modules():
-        if isinstance(getattr(module, "scaling", None), dict):
-            tensors.update({f"{name}.scaling.{k}": v for k, v in module.scaling.items()})
-    state = {
-        name: (
-            id(t),
-            tuple(t.shape),
-            t.stride(),
-            t.dtype,
-            t.device,
-            t.untyped_storage().data_ptr(),
-            t.storage_offset(),
-            t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),
-        )
-        if isinstance(t, torch.Tensor)
-        else t
-        for name, t in tensors.items()
-    }
-    for adapter, config in getattr(model, "peft_config", {}).items():
-        state[f"peft_config.{adapter}"] = repr(config)
-    return state
+def _snapshot(model: torch.nn.Module) -> tuple[str, dict[str, tuple[object, ...]]]:
+    """Every parameter's, buffer's and LoRA scaling's bytes and adapter config (a checksum), and
+    their objects, shapes, strides, dtypes, devices and storage."""
+    return model_checksum(model), tensor_layout(model)
 
 
 @pytest.fixture(scope="module")
