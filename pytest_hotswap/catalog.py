@@ -225,9 +225,13 @@ def load_catalog(source: str | os.PathLike[str]) -> Catalog:
     if folder.is_dir():
         try:
             paths = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        except PermissionError:
+            raise CatalogError(
+                f"{text}: permission denied; make the folder readable for this user"
+            ) from None
         except OSError as error:
             raise CatalogError(
-                f"{text}: cannot list the folder ({error.strerror or error}); check its permissions"
+                f"{text}: cannot list the folder ({error.strerror or error})"
             ) from None
     elif any(char in text for char in "*?["):
         paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True))

@@ -14,7 +14,7 @@ import re
 import pytest
 from test_order import CONFTEST  # reverses the items when REVERSE_ITEMS is set
 
-pytestmark = pytest.mark.xdist_group("order")
+pytestmark = pytest.mark.xdist_group("profile")
 
 DOWNSTREAM = """
 import pytest
