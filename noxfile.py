@@ -6,8 +6,10 @@
 
 Every stack installs torch==$TORCH (default 2.13.0, the only CPU wheel on this machine's disk) as a
 requirement and a constraint, so no resolver can swap in another torch build. Each session writes
-reports/stacks/<stack>.json (the plugin's --hotswap-report, with the stack's versions); `combine`
-prints one table, stack by scenario, and the cells that differ (`pytest-hotswap stacks`).
+reports/stacks/<stack>.json (<stack>-torch<version>.json with another torch; the plugin's
+--hotswap-report, with the stack's versions); `combine` prints one table of every report there,
+stack by scenario, and the cells that differ (`pytest-hotswap stacks`): run once by default and
+once with TORCH=2.14.1 and it shows what changes with torch as well.
 
 uv is the virtualenv backend when installed (venvs + installs in seconds instead of ~100 s with pip);
 it does not read pip's configuration, so pip's find-links / extra-index-url are passed to it and
@@ -25,24 +27,19 @@ import nox
 
 ROOT = Path(__file__).parent
 REPORTS = ROOT / "reports" / "stacks"
-TORCH = os.environ.get("TORCH", "2.13.0")
+DEFAULT_TORCH = "2.13.0"
+TORCH = os.environ.get("TORCH", DEFAULT_TORCH)
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_venv = "yes"
 nox.options.sessions = ["oldest", "pinned", "newest", "combine"]
 
 #: name -> (requirements, use constraints.txt, pytest options). The oldest stack is the oldest set
-#: measured to pass the suite unchanged on torch 2.13.0 with HF_HUB_OFFLINE=1 (see the
-#: README, "Verified stacks"); `floor`, not run by default, is the oldest on which fixtures, marker
-#: and reference work, PEFT < 0.20 showing the rank > max rank defect differently.
+#: on which the fixtures, the marker and the reference work and the suite passes, on torch 2.13.0
+#: with HF_HUB_OFFLINE=1 (the README's "Verified stacks" says what breaks below each bound).
 STACKS: dict[str, tuple[list[str], bool, list[str]]] = {
     "oldest": (
         ["diffusers==0.40.0", "peft==0.20.0", "transformers==5.0.0", "torchao==0.16.0"],
-        False,
-        ["--hotswap-backend=eager", "--hotswap-max-rank=32"],
-    ),
-    "floor": (
-        ["diffusers==0.40.0", "peft==0.18.0", "transformers==5.0.0", "torchao==0.17.0"],
         False,
         ["--hotswap-backend=eager", "--hotswap-max-rank=32"],
     ),
@@ -133,7 +130,7 @@ def _run_stack(session: nox.Session, name: str) -> None:
         "no:cacheprovider",
         "-q",
         *options,
-        f"--hotswap-report={REPORTS / f'{name}.json'}",
+        f"--hotswap-report={_report(name)}",
         *session.posargs,
         env=ENV,
     )
@@ -153,10 +150,21 @@ for _name in STACKS:
     globals()[f"stack_{_name}"] = _make_session(_name)
 
 
+def _report(name: str) -> Path:
+    """reports/stacks/<stack>.json; with another torch, <stack>-torch<version>.json beside it, so
+    the table shows what changes with torch too."""
+    suffix = "" if TORCH == DEFAULT_TORCH else f"-torch{TORCH}"
+    return REPORTS / f"{name}{suffix}.json"
+
+
 @nox.session(venv_backend="none")
 def combine(session: nox.Session) -> None:
     """One table from reports/stacks/*.json: stack by scenario, then the cells that differ."""
-    reports = [REPORTS / f"{name}.json" for name in STACKS if (REPORTS / f"{name}.json").exists()]
+    order = {name: index for index, name in enumerate(STACKS)}
+    reports = sorted(
+        REPORTS.glob("*.json"),
+        key=lambda path: (order.get(path.stem.split("-torch")[0], len(order)), path.stem),
+    )
     if not reports:
         session.error(f"no reports in {REPORTS}; run the stack sessions first")
     session.run(
