@@ -216,7 +216,11 @@ class PipelineCache:
         except Exception as error:
             self._built[key] = error
             raise
-        self._profiles[key] = profile.changed(before, profile.snapshot())
+        # A rebuild starts from the record put back above, so keep it under what the build changed.
+        self._profiles[key] = {
+            **self._profiles.get(key, {}),
+            **profile.changed(before, profile.snapshot()),
+        }
         return self._built[key]  # type: ignore[return-value]
 
     def discard(self, pipeline: HotswapPipeline) -> None:
