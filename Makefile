@@ -7,14 +7,14 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: venv test conformance stacks bench bench-smoke gpu-check lint format clean
+.PHONY: venv test conformance docs stacks bench bench-smoke gpu-check lint format clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,docs]'
 	touch $(STAMP)
 
 lint: venv
@@ -27,6 +27,11 @@ test: venv lint
 conformance: venv
 	$(BIN)/python -m pytest -q --pyargs pytest_hotswap.conformance \
 		--hotswap-backend=inductor --hotswap-max-rank=128 $(ARGS)
+
+# The pages under docs/ (mkdocs.yml), strict: a broken link, anchor or a page left out of the nav
+# fails the build. Output in site/ (ignored).
+docs: venv
+	$(BIN)/python -m mkdocs build --strict --site-dir site
 
 # The conformance suite on the oldest supported, the pinned and the newest stacks (nox, one
 # virtualenv each, uv when available), then one table: what changes if we upgrade. TORCH=2.14.1
@@ -52,4 +57,4 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .nox reports bench-results
+	rm -rf $(VENV) .cache .pytest_cache .nox reports bench-results site
