@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pytest_hotswap.adapterfile import AdapterHeader
-from pytest_hotswap.catalog import (
+from pytest_hotswap.adapters.catalog import (
     PEFT_NATIVE,
     Catalog,
     CatalogEntry,
@@ -24,6 +23,7 @@ from pytest_hotswap.catalog import (
     load_catalog,
     read_entry,
 )
+from pytest_hotswap.adapters.header import AdapterHeader
 from pytest_hotswap.options import AUTO, MAX_RANK, parse_max_rank_or_auto
 from pytest_hotswap.report import (
     DEFAULT_FAIL_ON,

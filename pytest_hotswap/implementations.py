@@ -22,12 +22,18 @@ import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pytest_hotswap.adapters.loading import (
+    ADAPTER_NAME,
+    load_first_adapter,
+    loadable,
+    quiet_diffusers,
+    read_peft_adapter,
+)
 from pytest_hotswap.stacks import VERIFIED, KnownDefect
 
 if TYPE_CHECKING:
-    from pytest_hotswap.pipelines import HotswapPipeline, LoraSource, PipelineSpec
-
-ADAPTER_NAME = "default"
+    from pytest_hotswap.adapters.loading import LoraSource
+    from pytest_hotswap.pipelines import HotswapPipeline, PipelineSpec
 
 #: Features beyond the pattern; an implementation lists those it supports in ``features``.
 FEATURE_TARGETS = "union of targets"
@@ -90,8 +96,6 @@ class Implementation:
 
     def load_first(self, spec: PipelineSpec, lora: LoraSource) -> None:
         """A plain (non-hotswap) load of ``lora`` as adapter ``"default"``."""
-        from pytest_hotswap.pipelines.recipe import load_first_adapter
-
         load_first_adapter(spec, lora)
 
     def after_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
@@ -133,12 +137,6 @@ class Implementation:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
-
-
-def _loadable(lora: LoraSource) -> Any:
-    from pytest_hotswap.pipelines.recipe import loadable
-
-    return loadable(lora)
 
 
 _RANK_PATTERN_DEFECT = (
@@ -244,11 +242,9 @@ class DiffusersImplementation(Implementation):
                 f"the {self.name!r} implementation has adapter slots only through a diffusers "
                 "pipeline's set_adapters; use implementation 'reference' for a bare model"
             )
-        from pytest_hotswap.pipelines.recipe import quiet_diffusers
-
         with quiet_diffusers():
             for slot in range(1, preparation.slots):
-                spec.pipe.load_lora_weights(_loadable(lora), adapter_name=slot_adapter_name(slot))
+                spec.pipe.load_lora_weights(loadable(lora), adapter_name=slot_adapter_name(slot))
         weights = [1.0] + [0.0] * (preparation.slots - 1)
         self._set_adapters(spec.pipe, weights)
 
@@ -261,11 +257,9 @@ class DiffusersImplementation(Implementation):
         if not spec.has_lora_loader:
             PeftImplementation().swap(spec, lora, slot=slot)
             return
-        from pytest_hotswap.pipelines.recipe import quiet_diffusers
-
         with quiet_diffusers():
             spec.pipe.load_lora_weights(
-                _loadable(lora), hotswap=True, adapter_name=slot_adapter_name(slot)
+                loadable(lora), hotswap=True, adapter_name=slot_adapter_name(slot)
             )
 
     def strength(
@@ -331,8 +325,6 @@ class PeftImplementation(Implementation):
         )
         from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
 
-        from pytest_hotswap.pipelines.recipe import read_peft_adapter
-
         state_dict, config = read_peft_adapter(lora, spec)
         model = spec.denoiser
         check_hotswap_configs_compatible(model.peft_config[ADAPTER_NAME], config)
@@ -376,9 +368,9 @@ class ReferenceImplementation(Implementation):
         from pytest_hotswap.reference import hotswap
 
         if slot:
-            hotswap(spec.lora_target, _loadable(lora), ADAPTER_NAME, slot=slot)
+            hotswap(spec.lora_target, loadable(lora), ADAPTER_NAME, slot=slot)
         else:
-            hotswap(spec.lora_target, _loadable(lora), ADAPTER_NAME)
+            hotswap(spec.lora_target, loadable(lora), ADAPTER_NAME)
 
     def strength(
         self, pipeline: HotswapPipeline, scale: float, *, slot: int | None = None

@@ -635,7 +635,7 @@ def test_an_unreadable_file_is_one_clear_line(
     at = lines.index(f"{locked}:")
     assert lines[at + 1] == REF + f"refused: unreadable ({message})"
     # The catalog reads it the same way (the --hotswap-adapters fixtures).
-    from pytest_hotswap.catalog import load_catalog
+    from pytest_hotswap.adapters.catalog import load_catalog
 
     entries = {entry.name: entry for entry in load_catalog(folder).entries}
     assert entries["locked.safetensors"].error == message

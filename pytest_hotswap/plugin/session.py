@@ -19,7 +19,7 @@ import pytest
 from pytest_hotswap import options as opts
 
 if TYPE_CHECKING:
-    from pytest_hotswap.catalog import Catalog
+    from pytest_hotswap.adapters.catalog import Catalog
     from pytest_hotswap.implementations import ImplementationRegistry
     from pytest_hotswap.pipelines import PipelineSpec
     from pytest_hotswap.plugin.fixtures import LoraFactory, PipelineCache
@@ -362,7 +362,7 @@ def _xdist_controller(config: pytest.Config) -> bool:
 def _read_catalog(source: str | None) -> Catalog | None:
     if source is None:
         return None
-    from pytest_hotswap.catalog import CatalogError, load_catalog
+    from pytest_hotswap.adapters.catalog import CatalogError, load_catalog
 
     try:
         return load_catalog(source)
@@ -394,7 +394,7 @@ def _check_pipelines(names: tuple[str, ...]) -> None:
 
 
 def _auto_max_rank(options: opts.HotswapOptions) -> tuple[opts.HotswapOptions, str]:
-    from pytest_hotswap.catalog import CatalogError, load_catalog
+    from pytest_hotswap.adapters.catalog import CatalogError, load_catalog
 
     if options.adapters is None:
         raise pytest.UsageError(

@@ -1,7 +1,7 @@
 """An adapter catalog: the LoRA files a team hotswaps, and what a hotswap would do with each.
 
 ``--hotswap-adapters=DIR|GLOB`` names it; ``pytest-hotswap inspect`` prints its plan. Only
-headers are read (``adapterfile``): no tensor, no torch, and nothing but regular
+headers are read (``adapters.header``): no tensor, no torch, and nothing but regular
 ``.safetensors`` files is ever opened. A file that cannot be hotswapped is listed with the
 reason, never loaded.
 """
@@ -15,12 +15,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_hotswap.adapterfile import AdapterFileError, AdapterHeader, read_header
+from pytest_hotswap.adapters.header import (
+    PEFT_NATIVE,
+    AdapterFileError,
+    AdapterHeader,
+    read_header,
+)
 
 _BYTES_PER_VALUE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-PEFT_NATIVE = "PEFT-native keys (base_model.model.)"
 
 
 class CatalogError(ValueError):
