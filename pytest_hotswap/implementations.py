@@ -29,9 +29,13 @@ from pytest_hotswap.adapters.loading import (
     quiet_diffusers,
     read_peft_adapter,
 )
+from pytest_hotswap.adapters.verdicts import first_file_refusals
 from pytest_hotswap.stacks import VERIFIED, KnownDefect
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from pytest_hotswap.adapters.catalog import CatalogEntry
     from pytest_hotswap.adapters.loading import LoraSource
     from pytest_hotswap.pipelines import HotswapPipeline, PipelineSpec
 
@@ -81,6 +85,17 @@ class Implementation:
     #: Its strength is state on the model that outlives swaps (and can be set on the model
     #: directly), so a pipeline handed to the next test is put back to full strength always.
     keeps_strength: ClassVar[bool] = False
+    #: How ``pytest-hotswap inspect`` names this implementation's verdict on adapter files, and
+    #: how it says a file is not taken; empty when it gives no verdict on files (``--check``
+    #: offers the implementations that do).
+    inspect_label: ClassVar[str] = ""
+    inspect_refused: ClassVar[str] = ""
+
+    def refusals(self, entries: Sequence[CatalogEntry], max_rank: int) -> dict[Path, list[str]]:
+        """Why it would refuse each file of ``entries`` (the first loaded before compiling, the
+        others hotswapped into it) prepared for ``max_rank``: an empty list when it takes the
+        file. Headers only, nothing is loaded."""
+        raise NotImplementedError(f"the {self.name!r} implementation gives no verdict on files")
 
     def check(self, preparation: Preparation) -> None:
         """Refuse, before anything is built, what this implementation cannot prepare."""
@@ -226,6 +241,14 @@ class DiffusersImplementation(Implementation):
         # The weight of each slot, per diffusers pipeline (set_adapters takes them all at once).
         self._weights: weakref.WeakKeyDictionary[Any, list[float]] = weakref.WeakKeyDictionary()
 
+    inspect_label = "diffusers + PEFT (first file's targets)"
+    inspect_refused = f"rejected by {inspect_label}"
+
+    def refusals(self, entries: Sequence[CatalogEntry], max_rank: int) -> dict[Path, list[str]]:
+        """Upstream's hotswap after loading the first file: a later file may target only the
+        first file's layers (or a subset), with the same shapes, and no text-encoder layers."""
+        return first_file_refusals(entries, max_rank)
+
     def before_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
         """diffusers pads the first adapter while loading it: it needs the max rank before."""
         if spec.has_lora_loader:
@@ -349,6 +372,14 @@ class ReferenceImplementation(Implementation):
     description = "pytest-hotswap's strict, atomic reference (pytest_hotswap.reference)"
     features = frozenset({FEATURE_TARGETS, FEATURE_TEXT_ENCODER, FEATURE_SLOTS})
     keeps_strength = True
+    inspect_label = "reference (union padding)"
+    inspect_refused = f"refused by the {inspect_label}"
+
+    def refusals(self, entries: Sequence[CatalogEntry], max_rank: int) -> dict[Path, list[str]]:
+        """The pattern's limit of each file: LoRA is padded onto the union of every usable
+        file's targets, so only what no padding can take is refused."""
+        limits = {entry.path: entry.pattern_limit(max_rank) for entry in entries}
+        return {path: [] if limit is None else [str(limit)] for path, limit in limits.items()}
 
     def after_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
         from pytest_hotswap.reference import prepare_for_hotswap

@@ -149,6 +149,11 @@ class AdapterHeader:
 def check_adapter_path(path: str | os.PathLike[str]) -> Path:
     """The path of a regular, readable ``.safetensors`` file, else an :class:`AdapterFileError`."""
     file = Path(path)
+    if "\0" in str(file):  # pathlib raises ValueError("embedded null byte") on it
+        raise AdapterFileError(
+            f"{str(file)!r}: the path holds a NUL byte, which no file name can; check how the "
+            "path was built"
+        )
     try:
         mode = file.stat().st_mode
     except OSError as error:
