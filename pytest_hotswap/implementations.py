@@ -90,6 +90,9 @@ class Implementation:
     #: offers the implementations that do).
     inspect_label: ClassVar[str] = ""
     inspect_refused: ClassVar[str] = ""
+    #: It refuses an adapter in PEFT's own key format (``base_model.model.``) with a clean error;
+    #: otherwise it cannot read one at all (diffusers' loaders), and the conformance suite skips.
+    refuses_peft_native_keys: ClassVar[bool] = False
 
     def refusals(self, entries: Sequence[CatalogEntry], max_rank: int) -> dict[Path, list[str]]:
         """Why it would refuse each file of ``entries`` (the first loaded before compiling, the
@@ -373,6 +376,7 @@ class ReferenceImplementation(Implementation):
     features = frozenset({FEATURE_TARGETS, FEATURE_TEXT_ENCODER, FEATURE_SLOTS})
     keeps_strength = True
     inspect_label = "reference (union padding)"
+    refuses_peft_native_keys = True
     inspect_refused = f"refused by the {inspect_label}"
 
     def refusals(self, entries: Sequence[CatalogEntry], max_rank: int) -> dict[Path, list[str]]:
