@@ -10,7 +10,6 @@ torch.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -245,7 +244,7 @@ class HotswapSession:
 
             self._cache = PipelineCache(
                 self.implementations,
-                functools.partial(build_spec, self.config),
+                self.build_spec,
                 self.lora_factory(tmp_path_factory),
                 self.catalog,
             )
@@ -257,6 +256,9 @@ class HotswapSession:
 
             self._loras = LoraFactory(tmp_path_factory.mktemp("hotswap-loras"))
         return self._loras
+
+    def build_spec(self, name: str, options: opts.HotswapOptions) -> PipelineSpec:
+        return build_spec(self.config, name, options)
 
     def close(self) -> None:
         if self._reporter is not None and self.config.pluginmanager.is_registered(self._reporter):
