@@ -15,16 +15,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pytest_hotswap.adapterfile import AdapterHeader
-from pytest_hotswap.catalog import (
-    PEFT_NATIVE,
+from pytest_hotswap.adapters.catalog import (
     Catalog,
     CatalogEntry,
     CatalogError,
     load_catalog,
     read_entry,
+    resolve_max_rank,
 )
-from pytest_hotswap.options import AUTO, MAX_RANK, parse_max_rank_or_auto
+from pytest_hotswap.adapters.header import AdapterHeader
+from pytest_hotswap.adapters.verdicts import sample
+from pytest_hotswap.implementations import (
+    DiffusersImplementation,
+    ImplementationRegistry,
+    ReferenceImplementation,
+)
+from pytest_hotswap.options import MAX_RANK, parse_max_rank_or_auto
 from pytest_hotswap.report import (
     DEFAULT_FAIL_ON,
     Report,
@@ -44,8 +50,8 @@ class _Parser(argparse.ArgumentParser):
 
 # --- inspect -------------------------------------------------------------------------------------
 
-REFERENCE = "reference (union padding)"
-DIFFUSERS = "diffusers + PEFT (first file's targets)"
+REFERENCE = ReferenceImplementation.inspect_label
+DIFFUSERS = DiffusersImplementation.inspect_label
 
 
 def _entries(paths: Sequence[Path]) -> tuple[list[CatalogEntry], list[str]]:
@@ -79,51 +85,6 @@ def _entries(paths: Sequence[Path]) -> tuple[list[CatalogEntry], list[str]]:
     return entries, errors
 
 
-def judge(entries: Sequence[CatalogEntry], max_rank: int) -> dict[Path, list[str]]:
-    """Why diffusers + PEFT would reject each file: upstream's hotswap after loading the first
-    file, where a later file may target only the first file's layers (or a subset)."""
-    rejected: dict[Path, list[str]] = {entry.path: [] for entry in entries}
-    for entry in entries:
-        if entry.header is None:
-            rejected[entry.path].append("unreadable")
-        elif entry.header.tuner != "LoRA":
-            rejected[entry.path].append(f"a {entry.header.tuner} adapter, not a plain LoRA")
-        elif entry.header.format == "peft":
-            rejected[entry.path].append(
-                f"{PEFT_NATIVE}, which diffusers' load_lora_weights cannot read"
-            )
-        elif entry.header.rank > max_rank:
-            rejected[entry.path].append(f"rank {entry.header.rank} > max rank {max_rank}")
-    first = entries[0].header if entries else None
-    if first is None:
-        return rejected
-    for entry in entries[1:]:
-        header = entry.header
-        if header is None:
-            continue
-        extra = [header.layers[key].name for key in header.denoiser_keys if key not in first.layers]
-        if extra:
-            rejected[entry.path].append(
-                f"targets {len(extra)} layers the first does not ({_sample(extra)})"
-            )
-        if header.text_encoder_layers:
-            rejected[entry.path].append(
-                f"has {len(header.text_encoder_layers)} text-encoder layers, which hotswap does "
-                "not support without the text-encoder opt-in"
-            )
-        mismatched = [
-            layer.name
-            for key, layer in header.layers.items()
-            if key in first.layers and _io(layer) != _io(first.layers[key])
-        ]
-        if mismatched:
-            rejected[entry.path].append(
-                f"{len(mismatched)} layers have other in/out shapes than in the first, "
-                f"so it is for another model ({_sample(mismatched)})"
-            )
-    return rejected
-
-
 def diffusers_verdict(
     entry: CatalogEntry, entries: Sequence[CatalogEntry], rejected: dict[Path, list[str]]
 ) -> str:
@@ -139,15 +100,6 @@ def diffusers_verdict(
     shared, total = len(entry.header.denoiser_keys), len(first.header.denoiser_keys)
     kind = "same layers as" if shared == total else "a subset of"
     return f"ok, targets {kind} the first ({shared} of {total} layers)"
-
-
-def _io(layer: Any) -> tuple[Any, ...]:
-    return (layer.in_shape, layer.out_features)
-
-
-def _sample(names: Sequence[str], count: int = 3) -> str:
-    more = f", ... {len(names) - count} more" if len(names) > count else ""
-    return ", ".join(names[:count]) + more
 
 
 def format_adapter(entry: CatalogEntry, *, list_layers: bool) -> list[str]:
@@ -197,7 +149,7 @@ def format_plan(
 
     ``plan`` is ``Catalog.plan(max_rank)`` of ``entries`` (computed when not given): the
     reference's verdict (LoRA padded onto the union of targets) and the padding; ``rejected``
-    is :func:`judge`'s, diffusers + PEFT's verdict (later files within the first's targets).
+    is ``DiffusersImplementation.refusals``, diffusers + PEFT's verdict (later files within the first's targets).
     """
     catalog = Catalog("", list(entries))
     plan = catalog.plan(max_rank) if plan is None else plan
@@ -244,26 +196,24 @@ def _mib(size: int) -> str:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     entries, failures = _entries(args.paths)
-    max_rank = args.max_rank
-    rank_file = None
-    if max_rank == AUTO:
-        try:
-            max_rank, rank_file = Catalog("", entries).max_rank()
-        except CatalogError:
-            max_rank = MAX_RANK.default
-    rejected = judge(entries, max_rank)
-    plan = Catalog(", ".join(map(str, args.paths)), list(entries)).plan(max_rank)
-    for check in dict.fromkeys(args.check or ()):
-        if check == "reference":
-            refused = [row["path"] for row in plan["files"] if row["verdict"] != "ok"]
-            what = f"refused by the {REFERENCE}"
-        else:
-            refused = [str(entry.path) for entry in entries if rejected[entry.path]]
-            what = f"rejected by {DIFFUSERS}"
+    catalog = Catalog(", ".join(map(str, args.paths)), list(entries))
+    try:
+        max_rank, rank_file = resolve_max_rank(
+            args.max_rank, catalog, flag="--max-rank", catalog_flag="adapter paths"
+        )
+    except CatalogError as error:
+        print(f"pytest-hotswap inspect: {error}", file=sys.stderr)
+        return 2
+    rejected = DiffusersImplementation().refusals(entries, max_rank)
+    plan = catalog.plan(max_rank)
+    checks = dict.fromkeys(args.check or ())
+    for implementation in ImplementationRegistry().choose(list(checks)):
+        refusals = implementation.refusals(entries, max_rank)
+        refused = [str(entry.path) for entry in entries if refusals[entry.path]]
         if refused:
             failures.append(
-                f"--check {check}: {len(refused)} of {len(entries)} files {what}: "
-                f"{_sample(refused)}"
+                f"--check {implementation.name}: {len(refused)} of {len(entries)} files "
+                f"{implementation.inspect_refused}: {sample(refused)}"
             )
     if args.json:
         plan["max_rank_file"] = rank_file
@@ -467,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     insp.add_argument(
         "--check",
-        choices=("reference", "diffusers"),
+        choices=[i.name for i in ImplementationRegistry().values() if i.inspect_label],
         action="append",
         help="Also exit 1 when any file is refused by this implementation's verdict: reference "
         "(union padding) or diffusers (diffusers + PEFT, the first file's targets). Repeat for both",

@@ -22,12 +22,22 @@ import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pytest_hotswap.adapters.loading import (
+    ADAPTER_NAME,
+    load_first_adapter,
+    loadable,
+    quiet_diffusers,
+    read_peft_adapter,
+)
+from pytest_hotswap.adapters.verdicts import first_file_refusals
 from pytest_hotswap.stacks import VERIFIED, KnownDefect
 
 if TYPE_CHECKING:
-    from pytest_hotswap.pipelines import HotswapPipeline, LoraSource, PipelineSpec
+    from pathlib import Path
 
-ADAPTER_NAME = "default"
+    from pytest_hotswap.adapters.catalog import CatalogEntry
+    from pytest_hotswap.adapters.loading import LoraSource
+    from pytest_hotswap.pipelines import HotswapPipeline, PipelineSpec
 
 #: Features beyond the pattern; an implementation lists those it supports in ``features``.
 FEATURE_TARGETS = "union of targets"
@@ -75,6 +85,20 @@ class Implementation:
     #: Its strength is state on the model that outlives swaps (and can be set on the model
     #: directly), so a pipeline handed to the next test is put back to full strength always.
     keeps_strength: ClassVar[bool] = False
+    #: How ``pytest-hotswap inspect`` names this implementation's verdict on adapter files, and
+    #: how it says a file is not taken; empty when it gives no verdict on files (``--check``
+    #: offers the implementations that do).
+    inspect_label: ClassVar[str] = ""
+    inspect_refused: ClassVar[str] = ""
+    #: It refuses an adapter in PEFT's own key format (``base_model.model.``) with a clean error;
+    #: otherwise it cannot read one at all (diffusers' loaders), and the conformance suite skips.
+    refuses_peft_native_keys: ClassVar[bool] = False
+
+    def refusals(self, entries: Sequence[CatalogEntry], max_rank: int) -> dict[Path, list[str]]:
+        """Why it would refuse each file of ``entries`` (the first loaded before compiling, the
+        others hotswapped into it) prepared for ``max_rank``: an empty list when it takes the
+        file. Headers only, nothing is loaded."""
+        raise NotImplementedError(f"the {self.name!r} implementation gives no verdict on files")
 
     def check(self, preparation: Preparation) -> None:
         """Refuse, before anything is built, what this implementation cannot prepare."""
@@ -90,8 +114,6 @@ class Implementation:
 
     def load_first(self, spec: PipelineSpec, lora: LoraSource) -> None:
         """A plain (non-hotswap) load of ``lora`` as adapter ``"default"``."""
-        from pytest_hotswap.pipelines.recipe import load_first_adapter
-
         load_first_adapter(spec, lora)
 
     def after_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
@@ -133,12 +155,6 @@ class Implementation:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
-
-
-def _loadable(lora: LoraSource) -> Any:
-    from pytest_hotswap.pipelines.recipe import loadable
-
-    return loadable(lora)
 
 
 _RANK_PATTERN_DEFECT = (
@@ -228,6 +244,14 @@ class DiffusersImplementation(Implementation):
         # The weight of each slot, per diffusers pipeline (set_adapters takes them all at once).
         self._weights: weakref.WeakKeyDictionary[Any, list[float]] = weakref.WeakKeyDictionary()
 
+    inspect_label = "diffusers + PEFT (first file's targets)"
+    inspect_refused = f"rejected by {inspect_label}"
+
+    def refusals(self, entries: Sequence[CatalogEntry], max_rank: int) -> dict[Path, list[str]]:
+        """Upstream's hotswap after loading the first file: a later file may target only the
+        first file's layers (or a subset), with the same shapes, and no text-encoder layers."""
+        return first_file_refusals(entries, max_rank)
+
     def before_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
         """diffusers pads the first adapter while loading it: it needs the max rank before."""
         if spec.has_lora_loader:
@@ -244,11 +268,9 @@ class DiffusersImplementation(Implementation):
                 f"the {self.name!r} implementation has adapter slots only through a diffusers "
                 "pipeline's set_adapters; use implementation 'reference' for a bare model"
             )
-        from pytest_hotswap.pipelines.recipe import quiet_diffusers
-
         with quiet_diffusers():
             for slot in range(1, preparation.slots):
-                spec.pipe.load_lora_weights(_loadable(lora), adapter_name=slot_adapter_name(slot))
+                spec.pipe.load_lora_weights(loadable(lora), adapter_name=slot_adapter_name(slot))
         weights = [1.0] + [0.0] * (preparation.slots - 1)
         self._set_adapters(spec.pipe, weights)
 
@@ -261,11 +283,9 @@ class DiffusersImplementation(Implementation):
         if not spec.has_lora_loader:
             PeftImplementation().swap(spec, lora, slot=slot)
             return
-        from pytest_hotswap.pipelines.recipe import quiet_diffusers
-
         with quiet_diffusers():
             spec.pipe.load_lora_weights(
-                _loadable(lora), hotswap=True, adapter_name=slot_adapter_name(slot)
+                loadable(lora), hotswap=True, adapter_name=slot_adapter_name(slot)
             )
 
     def strength(
@@ -331,8 +351,6 @@ class PeftImplementation(Implementation):
         )
         from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
 
-        from pytest_hotswap.pipelines.recipe import read_peft_adapter
-
         state_dict, config = read_peft_adapter(lora, spec)
         model = spec.denoiser
         check_hotswap_configs_compatible(model.peft_config[ADAPTER_NAME], config)
@@ -357,6 +375,15 @@ class ReferenceImplementation(Implementation):
     description = "pytest-hotswap's strict, atomic reference (pytest_hotswap.reference)"
     features = frozenset({FEATURE_TARGETS, FEATURE_TEXT_ENCODER, FEATURE_SLOTS})
     keeps_strength = True
+    inspect_label = "reference (union padding)"
+    refuses_peft_native_keys = True
+    inspect_refused = f"refused by the {inspect_label}"
+
+    def refusals(self, entries: Sequence[CatalogEntry], max_rank: int) -> dict[Path, list[str]]:
+        """The pattern's limit of each file: LoRA is padded onto the union of every usable
+        file's targets, so only what no padding can take is refused."""
+        limits = {entry.path: entry.pattern_limit(max_rank) for entry in entries}
+        return {path: [] if limit is None else [str(limit)] for path, limit in limits.items()}
 
     def after_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
         from pytest_hotswap.reference import prepare_for_hotswap
@@ -376,9 +403,9 @@ class ReferenceImplementation(Implementation):
         from pytest_hotswap.reference import hotswap
 
         if slot:
-            hotswap(spec.lora_target, _loadable(lora), ADAPTER_NAME, slot=slot)
+            hotswap(spec.lora_target, loadable(lora), ADAPTER_NAME, slot=slot)
         else:
-            hotswap(spec.lora_target, _loadable(lora), ADAPTER_NAME)
+            hotswap(spec.lora_target, loadable(lora), ADAPTER_NAME)
 
     def strength(
         self, pipeline: HotswapPipeline, scale: float, *, slot: int | None = None

@@ -365,7 +365,9 @@ class Report:
                 )
                 for t in ranked[:worst]
             ]
-            lines += _table(("test", "recompiles", "graph breaks", "compile s", "swap ms"), rows)
+            lines += format_table(
+                ("test", "recompiles", "graph breaks", "compile s", "swap ms"), rows
+            )
         events = [(test.nodeid, event) for test in tests for event in test.events]
         if events:
             lines.append("recompiles:")
@@ -526,7 +528,7 @@ class Comparison:
                 (r.nodeid, r.metric, _fmt(r.old), _fmt(r.new), str(r.threshold))
                 for r in self.regressions
             ]
-            lines += _table(("test", "metric", "baseline", "now", "limit"), rows)
+            lines += format_table(("test", "metric", "baseline", "now", "limit"), rows)
         else:
             lines.append("no regressions")
         lines += [f"new since the baseline (not compared): {nodeid}" for nodeid in self.new_tests]
@@ -588,6 +590,3 @@ def format_table(
         + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in [headers, *rows]
     ]
-
-
-_table = format_table

@@ -189,7 +189,7 @@ def test_smoke_measures_the_installed_plugin_and_slots(smoke) -> None:
         "no_recompile(fresh=True): reset + recompile",
         "fresh automatic-dynamic record (watch.profile)",
         "layout check around a swap (HotswapPipeline.swap)",
-        "cached pipeline hand-out (_reusable)",
+        "cached pipeline hand-out (reusable)",
         "pytest test, no_recompile",
         "pytest test, no_recompile(fresh=True)",
     ]

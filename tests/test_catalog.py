@@ -176,7 +176,7 @@ def test_conformance_on_a_saved_folder_and_its_catalog(
                 p.mkdir(),
                 (p / "model_index.json").write_text('{"vae": ["diffusers", "AutoencoderKL"]}'),
             ),
-            "has no denoiser (no transformer or unet component in model_index.json)",
+            "has no denoiser (no unet or transformer component in model_index.json)",
         ),
     ],
     ids=["no model_index.json", "no denoiser"],

@@ -583,6 +583,20 @@ def test_usage_errors_put_the_error_first(capsys):
     assert err[1].startswith("usage: pytest-hotswap inspect")
 
 
+def test_max_rank_auto_without_a_readable_lora_is_an_error_like_in_the_session(capsys, adapters):
+    """``auto`` is resolved by the one function the pytest session uses: no readable LoRA file to
+    take the rank from is an error (exit 2), not a silent fall back to the default 128."""
+    pickle = adapters["pickle"]
+    code, out, err = run(capsys, "inspect", pickle, "--max-rank", "auto")
+    assert (code, out) == (2, "")
+    assert err.splitlines()[-1] == (
+        f"pytest-hotswap inspect: --max-rank=auto: {pickle}: no readable LoRA adapter in it"
+    )
+    # negative control: a readable file gives auto its rank (r8's 8), no error
+    code, out, err = run(capsys, "inspect", adapters["r8"], pickle, "--max-rank", "auto")
+    assert (code, "max rank: 8 (checked against --max-rank 8)" in out.splitlines()) == (1, True)
+
+
 # --- unreadable paths: one clear line, never a traceback ----------------------------------------
 
 
@@ -635,7 +649,7 @@ def test_an_unreadable_file_is_one_clear_line(
     at = lines.index(f"{locked}:")
     assert lines[at + 1] == REF + f"refused: unreadable ({message})"
     # The catalog reads it the same way (the --hotswap-adapters fixtures).
-    from pytest_hotswap.catalog import load_catalog
+    from pytest_hotswap.adapters.catalog import load_catalog
 
     entries = {entry.name: entry for entry in load_catalog(folder).entries}
     assert entries["locked.safetensors"].error == message

@@ -237,6 +237,21 @@ def test_truncated_and_missing_files(served, files, tmp_path) -> None:
     )
 
 
+@pytest.mark.parametrize("as_path", [False, True], ids=["str", "Path"])
+def test_a_path_with_a_nul_byte_is_an_invalid_adapter(served, tmp_path, as_path) -> None:
+    """pathlib raises ValueError('embedded null byte') on such a path; the reference says what
+    is wrong with it like for any other unreadable path (issue 22, item 6)."""
+    text = f"{tmp_path}/style\0.safetensors"
+    path = Path(text) if as_path else text
+    _assert_refused_untouched(
+        served,
+        lambda: hotswap(served[1], path),
+        InvalidAdapterError,
+        r"'.*/style\\x00\.safetensors': the path holds a NUL byte, which no file name can; "
+        "check how the path was built",
+    )
+
+
 def test_half_a_layer(served, first_state) -> None:
     key = _a_key(first_state, part="B")
     state = {k: v for k, v in first_state.items() if k != key}

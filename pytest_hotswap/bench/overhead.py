@@ -20,7 +20,7 @@ LoRA's count of LoRA tensors; the smoke run takes the tiny Flux), prepared by th
 * ``HotswapPipeline.swap`` (the layout check the fixtures make around every swap:
   ``lora_layout()`` before, the comparison after) against the implementation's swap alone,
   interleaved (per swap);
-* the cached-pipeline hand-out of the fixtures (``_reusable``: layout unchanged, compiled
+* the cached-pipeline hand-out of the fixtures (``reusable``: layout unchanged, compiled
   entries as built, first adapter at full strength) on a pipeline as built, so no swap back
   is needed (per test; a test that swapped adds one swap back);
 
@@ -330,7 +330,7 @@ def _deep_pipeline(config: BenchConfig, workdir: Path) -> tuple[Any, list[Any]]:
 
 
 def _pipeline_checks(config: BenchConfig, workdir: Path) -> list[dict[str, Any]]:
-    from pytest_hotswap.plugin.fixtures import _reusable
+    from pytest_hotswap.pipelines.cache import reusable
 
     pipeline, loras = _deep_pipeline(config, workdir)
     tensors = len(pipeline.lora_layout())
@@ -358,13 +358,13 @@ def _pipeline_checks(config: BenchConfig, workdir: Path) -> list[dict[str, Any]]
     pipeline.swap(pipeline.first_lora, label="back to the first adapter")
 
     def hand_out() -> None:
-        if not _reusable(pipeline):
+        if not reusable(pipeline):
             raise RuntimeError("the bench pipeline was not reusable: nothing to measure")
 
     checks = interleaved({"hand-out": hand_out}, "cpu", config.repeats)["hand-out"]
     rows.append(
         _row(
-            "cached pipeline hand-out (_reusable)",
+            "cached pipeline hand-out (reusable)",
             "per test",
             "-",
             pooled(checks),

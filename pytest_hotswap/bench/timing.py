@@ -80,11 +80,6 @@ def pooled(rounds: list[list[float]]) -> Stat:
     return Stat.of(t for one in rounds for t in one)
 
 
-def per_call(rounds: list[list[float]], calls: int) -> Stat:
-    """Every timing divided by the ``calls`` each timed block made."""
-    return Stat.of(t / calls for one in rounds for t in one)
-
-
 def ratio(numerator: list[list[float]], denominator: list[list[float]]) -> Stat:
     """Round by round, the median of one over the median of the other."""
     return Stat.of(

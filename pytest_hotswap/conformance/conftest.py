@@ -190,12 +190,13 @@ _EAGER_SPECS: dict[tuple[Any, ...], Any] = {}
 
 def _load_plain(spec: Any, lora: Any, name: str) -> None:
     from pytest_hotswap import pipelines
+    from pytest_hotswap.adapters.loading import loadable
 
     if name == pipelines.ADAPTER_NAME:
         pipelines.load_first_adapter(spec, lora)
         return
     with pipelines.quiet_diffusers():
-        spec.pipe.load_lora_weights(pipelines.recipe.loadable(lora), adapter_name=name)
+        spec.pipe.load_lora_weights(loadable(lora), adapter_name=name)
 
 
 def _set_weights(spec: Any, names: list[str], weights: list[float]) -> None:
@@ -387,7 +388,7 @@ class CatalogCase:
     def problem(self, implementation: Any) -> tuple[str | None, str, str] | None:
         """``(scenario of the matching known defect, reason, reference error)`` for a file this
         implementation must refuse, else ``None``."""
-        from pytest_hotswap.catalog import PEFT_NATIVE
+        from pytest_hotswap.adapters.header import PEFT_NATIVE
         from pytest_hotswap.implementations import FEATURE_TARGETS
 
         limit = self.entry.pattern_limit(self.max_rank, diffusers=self.diffusers)
@@ -466,7 +467,7 @@ def _catalog_for(
     style and limit, written once per pipeline and session), and whether the pipeline loads
     adapters through diffusers."""
     from pytest_hotswap.adapters import make_catalog
-    from pytest_hotswap.catalog import load_catalog
+    from pytest_hotswap.adapters.catalog import load_catalog
 
     key = (id(session), pipeline)
     if key not in _GENERATED:

@@ -340,7 +340,7 @@ def test_catalog(catalog_case, hotswap_pipeline_factory, pytestconfig, request):
     problem = catalog_case.problem(pipeline.impl)
     if problem is not None:
         scenario, reason, error = problem
-        if scenario == "peft_native_keys" and pipeline.implementation != "reference":
+        if scenario == "peft_native_keys" and not pipeline.impl.refuses_peft_native_keys:
             pytest.skip(f"not supported: {reason}: diffusers' loaders cannot read them")
         defect = pipeline.impl.defect(scenario) if scenario else None
         if defect is not None:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pytest_hotswap.adapters.loading import LoraSource, describe_adapter
 from pytest_hotswap.implementations import Implementation, Preparation
-from pytest_hotswap.pipelines.recipe import LoraSource, describe_adapter
 from pytest_hotswap.pipelines.registry import PipelineSpec
 from pytest_hotswap.reference.components import unwrap_compiled
 from pytest_hotswap.watch import KIND_LAYOUT_CHANGE, CompileEvent, CompileWatcher

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pytest_hotswap.adapters.header import TEXT_ENCODER_NAMES
 from pytest_hotswap.pipelines import tiny
 from pytest_hotswap.pipelines.saved import (
     PipelineNotFoundError,
@@ -70,7 +71,7 @@ class PipelineSpec:
         if self.pipe is None:
             return {}
         found = {}
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        for name in TEXT_ENCODER_NAMES:
             module = getattr(self.pipe, name, None)
             if isinstance(module, torch.nn.Module):
                 found[name] = module
@@ -155,7 +156,7 @@ def saved_spec(saved: SavedPipeline, options: HotswapOptions) -> PipelineSpec:
     """
     from diffusers import DiffusionPipeline
 
-    from pytest_hotswap.pipelines.recipe import quiet_diffusers
+    from pytest_hotswap.adapters.loading import quiet_diffusers
 
     options = options.resolved()
     with quiet_diffusers():

@@ -12,8 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-#: The pipeline attributes that hold the model a denoiser LoRA targets, in diffusers' naming.
-DENOISER_NAMES = ("transformer", "unet")
+from pytest_hotswap.adapters.header import DENOISER_NAMES
 
 
 class PipelineNotFoundError(ValueError):

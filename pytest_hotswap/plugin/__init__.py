@@ -22,7 +22,13 @@ from pytest_hotswap.plugin.fixtures import (
     pytest_generate_tests,
     pytest_hotswap_build_pipeline,
 )
-from pytest_hotswap.plugin.session import ITEM_KEY, SESSION_KEY, HotswapSession
+from pytest_hotswap.plugin.session import (
+    ITEM_KEY,
+    SESSION_KEY,
+    HotswapSession,
+    check_implementations,
+    header_lines,
+)
 
 if TYPE_CHECKING:
     from pytest_hotswap.watch import CompileWatcher
@@ -81,7 +87,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     session = HotswapSession(config)
     config.stash[SESSION_KEY] = session
-    session.check_implementations()
+    check_implementations(session)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -92,7 +98,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
-    return _session(config).header()
+    return header_lines(_session(config))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -19,10 +19,10 @@ import pytest
 from pytest_hotswap import options as opts
 
 if TYPE_CHECKING:
-    from pytest_hotswap.catalog import Catalog
+    from pytest_hotswap.adapters.catalog import Catalog
     from pytest_hotswap.implementations import ImplementationRegistry
     from pytest_hotswap.pipelines import PipelineSpec
-    from pytest_hotswap.plugin.fixtures import LoraFactory, PipelineCache
+    from pytest_hotswap.pipelines.cache import LoraFactory, PipelineCache
     from pytest_hotswap.plugin.reporting import HotswapReporter
     from pytest_hotswap.watch import CompileWatcher
 
@@ -54,9 +54,10 @@ class HotswapSession:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.options, self.max_rank_source = read_options(config)
-        _check_pipelines(self.options.pipelines)
-        self._catalog: Catalog | None = _read_catalog(self.options.adapters)
+        options = read_options(config)
+        _check_pipelines(options.pipelines)
+        self._catalog: Catalog | None = _read_catalog(options.adapters)  # read once, here
+        self.options, self.max_rank_source = _resolve_max_rank(options, self._catalog)
         self._reporter: HotswapReporter | None = None
         if (
             self.options.report
@@ -110,53 +111,7 @@ class HotswapSession:
         """The ``--hotswap-adapters`` catalog (headers only), read when the session starts."""
         return self._catalog
 
-    def header(self) -> list[str]:
-        """The ``hotswap:`` lines after collection, for a session that uses the plugin (the
-        versions come from package metadata: nothing is imported)."""
-        if not self.uses_hotswap and self.options == opts.HotswapOptions():
-            return []
-        return self._header()
-
-    def _header(self) -> list[str]:
-        from pytest_hotswap.stacks import describe_stack, verified_stack
-
-        o = self.options
-        rank = f"{o.max_rank}" + (
-            f" (auto: {self.max_rank_source})" if self.max_rank_source else ""
-        )
-        settings = (
-            f"max_rank={rank} backend={o.backend} mode={o.mode} device={o.device} dtype={o.dtype} "
-            f"quantize={o.quantize} pipelines={','.join(o.pipelines)} "
-            f"implementations={','.join(o.implementations)}"
-        )
-        flags = "".join(f" {flag}" for flag in ("strict", "fresh") if getattr(o, flag))
-        defects = [
-            d
-            for name in o.implementations
-            if name in self.implementations
-            for d in self.implementations[name].defects_for()
-        ]
-        verified = (
-            "verified"
-            if verified_stack(defects)
-            else "not verified: known defects expected loosely"
-        )
-        lines = [f"hotswap: {describe_stack()} ({verified}) | {settings}{flags}"]
-        if o.adapters is not None:
-            lines.append(f"hotswap catalog: {o.adapters}")
-        return lines
-
     # -- which tests are watched, and how ------------------------------------------------------------
-
-    def check_implementations(self) -> None:
-        """Refuse unknown ``--hotswap-implementations`` names (hooks may add some)."""
-        if self.options.implementations == opts.IMPLEMENTATIONS.default:
-            return  # the built-in ones: nothing to import to know them
-        try:
-            self.implementations.choose(self.options.implementations)
-        except ValueError as error:
-            given = ",".join(self.options.implementations)
-            raise pytest.UsageError(f"--hotswap-implementations={given}: {error}") from None
 
     def collect(self, items: list[pytest.Item]) -> None:
         """Read every item's ``no_recompile`` marker; decide whether this session uses hotswap.
@@ -285,32 +240,25 @@ class HotswapSession:
 
     def pipeline_cache(self, tmp_path_factory: pytest.TempPathFactory) -> PipelineCache:
         if self._cache is None:
-            from pytest_hotswap.plugin.fixtures import PipelineCache
+            from pytest_hotswap.pipelines.cache import PipelineCache
 
-            self._cache = PipelineCache(self, self.lora_factory(tmp_path_factory))
+            self._cache = PipelineCache(
+                self.implementations,
+                self.build_spec,
+                self.lora_factory(tmp_path_factory),
+                self.catalog,
+            )
         return self._cache
 
     def lora_factory(self, tmp_path_factory: pytest.TempPathFactory) -> LoraFactory:
         if self._loras is None:
-            from pytest_hotswap.plugin.fixtures import LoraFactory
+            from pytest_hotswap.pipelines.cache import LoraFactory
 
             self._loras = LoraFactory(tmp_path_factory.mktemp("hotswap-loras"))
         return self._loras
 
     def build_spec(self, name: str, options: opts.HotswapOptions) -> PipelineSpec:
-        """The built, not yet adapted pipeline ``name``: from a hook, the registry or a folder."""
-        from pytest_hotswap.pipelines import PipelineNotFoundError, PipelineSpec
-
-        try:
-            spec = self.config.hook.pytest_hotswap_build_pipeline(name=name, options=options)
-        except PipelineNotFoundError as error:
-            raise pytest.UsageError(f"--hotswap-pipelines: {error}") from None
-        if not isinstance(spec, PipelineSpec):
-            raise TypeError(
-                f"pytest_hotswap_build_pipeline returned {type(spec).__name__} for {name!r}; "
-                "return a pytest_hotswap.pipelines.PipelineSpec (or None for names it does not build)"
-            )
-        return spec
+        return build_spec(self.config, name, options)
 
     def close(self) -> None:
         if self._reporter is not None and self.config.pluginmanager.is_registered(self._reporter):
@@ -320,14 +268,80 @@ class HotswapSession:
             self._undo_isolation = None
 
 
+# --- the session's parts that need no state of their own ---
+
+
+def header_lines(session: HotswapSession) -> list[str]:
+    """The ``hotswap:`` lines after collection, for a session that uses the plugin (the
+    versions come from package metadata: nothing is imported)."""
+    if not session.uses_hotswap and session.options == opts.HotswapOptions():
+        return []
+    return _header_lines(session)
+
+
+def _header_lines(session: HotswapSession) -> list[str]:
+    from pytest_hotswap.stacks import describe_stack, verified_stack
+
+    o = session.options
+    rank = f"{o.max_rank}" + (
+        f" (auto: {session.max_rank_source})" if session.max_rank_source else ""
+    )
+    settings = (
+        f"max_rank={rank} backend={o.backend} mode={o.mode} device={o.device} dtype={o.dtype} "
+        f"quantize={o.quantize} pipelines={','.join(o.pipelines)} "
+        f"implementations={','.join(o.implementations)}"
+    )
+    flags = "".join(f" {flag}" for flag in ("strict", "fresh") if getattr(o, flag))
+    defects = [
+        d
+        for name in o.implementations
+        if name in session.implementations
+        for d in session.implementations[name].defects_for()
+    ]
+    verified = (
+        "verified" if verified_stack(defects) else "not verified: known defects expected loosely"
+    )
+    lines = [f"hotswap: {describe_stack()} ({verified}) | {settings}{flags}"]
+    if o.adapters is not None:
+        lines.append(f"hotswap catalog: {o.adapters}")
+    return lines
+
+
+def check_implementations(session: HotswapSession) -> None:
+    """Refuse unknown ``--hotswap-implementations`` names (hooks may add some)."""
+    if session.options.implementations == opts.IMPLEMENTATIONS.default:
+        return  # the built-in ones: nothing to import to know them
+    try:
+        session.implementations.choose(session.options.implementations)
+    except ValueError as error:
+        given = ",".join(session.options.implementations)
+        raise pytest.UsageError(f"--hotswap-implementations={given}: {error}") from None
+
+
+def build_spec(config: pytest.Config, name: str, options: opts.HotswapOptions) -> PipelineSpec:
+    """The built, not yet adapted pipeline ``name``: from a hook, the registry or a folder."""
+    from pytest_hotswap.pipelines import PipelineNotFoundError, PipelineSpec
+
+    try:
+        spec = config.hook.pytest_hotswap_build_pipeline(name=name, options=options)
+    except PipelineNotFoundError as error:
+        raise pytest.UsageError(f"--hotswap-pipelines: {error}") from None
+    if not isinstance(spec, PipelineSpec):
+        raise TypeError(
+            f"pytest_hotswap_build_pipeline returned {type(spec).__name__} for {name!r}; "
+            "return a pytest_hotswap.pipelines.PipelineSpec (or None for names it does not build)"
+        )
+    return spec
+
+
 # --- options -----------------------------------------------------------------------------------------
 
 
-def read_options(config: pytest.Config) -> tuple[opts.HotswapOptions, str | None]:
+def read_options(config: pytest.Config) -> opts.HotswapOptions:
     """Command line beats ini beats default; each bad value is a usage error naming its source.
 
-    ``auto`` device and dtype stay ``auto`` (resolving them imports torch); ``--hotswap-max-rank
-    =auto`` becomes the catalog's largest rank, and the second value names the file it came from.
+    ``auto`` device and dtype stay ``auto`` (resolving them imports torch), and so does an
+    ``auto`` max rank (the session resolves it against the catalog it reads).
     """
     values: dict[str, object] = {}
     for option in opts.OPTIONS:
@@ -347,11 +361,7 @@ def read_options(config: pytest.Config) -> tuple[opts.HotswapOptions, str | None
             values[option.field] = option.parse(raw)
         except ValueError as error:
             raise pytest.UsageError(f"{source}={raw}: {error}") from None
-    options = opts.HotswapOptions(**values)  # type: ignore[arg-type]
-    source = None
-    if options.max_rank == opts.AUTO:
-        options, source = _auto_max_rank(options)
-    return options, source
+    return opts.HotswapOptions(**values)  # type: ignore[arg-type]
 
 
 def _xdist_controller(config: pytest.Config) -> bool:
@@ -362,7 +372,7 @@ def _xdist_controller(config: pytest.Config) -> bool:
 def _read_catalog(source: str | None) -> Catalog | None:
     if source is None:
         return None
-    from pytest_hotswap.catalog import CatalogError, load_catalog
+    from pytest_hotswap.adapters.catalog import CatalogError, load_catalog
 
     try:
         return load_catalog(source)
@@ -393,19 +403,25 @@ def _check_pipelines(names: tuple[str, ...]) -> None:
             raise pytest.UsageError(f"--hotswap-pipelines: {error}") from None
 
 
-def _auto_max_rank(options: opts.HotswapOptions) -> tuple[opts.HotswapOptions, str]:
-    from pytest_hotswap.catalog import CatalogError, load_catalog
+def _resolve_max_rank(
+    options: opts.HotswapOptions, catalog: Catalog | None
+) -> tuple[opts.HotswapOptions, str | None]:
+    """``--hotswap-max-rank=auto`` becomes the catalog's largest rank; the second value names the
+    file it came from."""
+    if isinstance(options.max_rank, int):
+        return options, None
+    from pytest_hotswap.adapters.catalog import CatalogError, resolve_max_rank
 
-    if options.adapters is None:
-        raise pytest.UsageError(
-            "--hotswap-max-rank=auto takes the largest rank of the adapter catalog, but no catalog "
-            "is given: add --hotswap-adapters=DIR|GLOB, or give the max rank as a number"
-        )
     try:
-        rank, path = load_catalog(options.adapters).max_rank()
+        rank, source = resolve_max_rank(
+            options.max_rank,
+            catalog,
+            flag=opts.MAX_RANK.cli,
+            catalog_flag=f"{opts.ADAPTERS.cli}=DIR|GLOB",
+        )
     except CatalogError as error:
-        raise pytest.UsageError(f"--hotswap-max-rank=auto: {error}") from None
-    return dataclasses.replace(options, max_rank=rank), path
+        raise pytest.UsageError(str(error)) from None
+    return dataclasses.replace(options, max_rank=rank), source
 
 
 def _ini_dir(config: pytest.Config) -> Path:

@@ -6,11 +6,7 @@ from typing import Any
 
 import torch
 
-#: Pipeline attributes that hold the model a denoiser LoRA targets, in diffusers' naming.
-DENOISER_NAMES = ("unet", "transformer")
-#: Pipeline attributes of the text encoders diffusers loads LoRA keys into (``text_encoder.``,
-#: ``text_encoder_2.`` ... keys).
-TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+from pytest_hotswap.adapters.header import DENOISER_NAMES, TEXT_ENCODER_NAMES
 
 
 def unwrap_compiled(module: torch.nn.Module) -> torch.nn.Module:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pytest_hotswap.adapterfile import (
+from pytest_hotswap.adapters.header import (
     METADATA_KEY,
     TEXT_ENCODER_KEY,
     AdapterFileError,

@@ -1,7 +1,7 @@
 """An adapter catalog: the LoRA files a team hotswaps, and what a hotswap would do with each.
 
 ``--hotswap-adapters=DIR|GLOB`` names it; ``pytest-hotswap inspect`` prints its plan. Only
-headers are read (``adapterfile``): no tensor, no torch, and nothing but regular
+headers are read (``adapters.header``): no tensor, no torch, and nothing but regular
 ``.safetensors`` files is ever opened. A file that cannot be hotswapped is listed with the
 reason, never loaded.
 """
@@ -15,12 +15,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_hotswap.adapterfile import AdapterFileError, AdapterHeader, read_header
+from pytest_hotswap.adapters.header import (
+    PEFT_NATIVE,
+    AdapterFileError,
+    AdapterHeader,
+    read_header,
+)
 
 _BYTES_PER_VALUE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-PEFT_NATIVE = "PEFT-native keys (base_model.model.)"
 
 
 class CatalogError(ValueError):
@@ -155,8 +157,8 @@ class Catalog:
 
     def plan(self, max_rank: int | None = None, *, text_encoder: bool = False) -> dict[str, Any]:
         """What a hotswap of every file needs: max rank, the union of targets, each file's
-        verdict (for the reference, padded onto the union; for diffusers + PEFT, against the
-        first file's targets) and the padding cost at the max rank against its own rank."""
+        verdict for the reference (padded onto the union; ``Implementation.refusals`` gives any
+        implementation's) and the padding cost at the max rank against its own rank."""
         rank, rank_file = self.max_rank() if max_rank is None else (max_rank, None)
         usable = self.usable(rank, text_encoder=text_encoder)
         union = self.union_targets(usable)
@@ -169,7 +171,6 @@ class Catalog:
                 "verdict": str(Verdict(limit is None, limit or "")),
             }
             if limit is None and entry.header is not None and first is not None:
-                row["verdict_without_union"] = str(_against_first(entry, first))
                 row["padding"] = padding_cost(entry.header, union, rank)
             files.append(row)
         return {
@@ -182,13 +183,24 @@ class Catalog:
         }
 
 
-def _against_first(entry: CatalogEntry, first: CatalogEntry) -> Verdict:
-    """Upstream's rule: a later adapter may target the first one's layers or a subset."""
-    assert entry.header is not None and first.header is not None
-    extra = [key for key in entry.header.denoiser_keys if key not in first.header.layers]
-    if extra and entry is not first:
-        return Verdict(False, f"targets {len(extra)} layers the first file ({first.name}) does not")
-    return Verdict(True)
+def resolve_max_rank(
+    max_rank: int | str, catalog: Catalog | None, *, flag: str, catalog_flag: str
+) -> tuple[int, str | None]:
+    """``max_rank`` as a number, and the file it came from: ``auto`` is the largest rank of any
+    readable LoRA file of ``catalog``. The pytest session and ``pytest-hotswap inspect`` both
+    resolve it here, so ``auto`` means one thing; ``flag`` and ``catalog_flag`` name their options
+    in the :class:`CatalogError` when there is nothing to take the rank from."""
+    if isinstance(max_rank, int):
+        return max_rank, None
+    if catalog is None:
+        raise CatalogError(
+            f"{flag}={max_rank} takes the largest rank of the adapter catalog, but no catalog is "
+            f"given: add {catalog_flag}, or give the max rank as a number"
+        )
+    try:
+        return catalog.max_rank()
+    except CatalogError as error:
+        raise CatalogError(f"{flag}={max_rank}: {error}") from None
 
 
 def padding_cost(header: AdapterHeader, union: Sequence[str], max_rank: int) -> dict[str, Any]:

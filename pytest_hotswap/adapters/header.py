@@ -17,6 +17,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+#: Pipeline attributes that hold the model a denoiser LoRA targets, in diffusers' naming.
+DENOISER_NAMES = ("unet", "transformer")
+#: Pipeline attributes of the text encoders diffusers loads LoRA keys into (``text_encoder.``,
+#: ``text_encoder_2.`` ... keys).
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+#: How a verdict names an adapter in PEFT's own key format, which diffusers' loaders cannot read.
+PEFT_NATIVE = "PEFT-native keys (base_model.model.)"
+
 #: The safetensors metadata key diffusers and PEFT write the adapter's ``LoraConfig`` under.
 METADATA_KEY = "lora_adapter_metadata"
 
@@ -140,6 +149,11 @@ class AdapterHeader:
 def check_adapter_path(path: str | os.PathLike[str]) -> Path:
     """The path of a regular, readable ``.safetensors`` file, else an :class:`AdapterFileError`."""
     file = Path(path)
+    if "\0" in str(file):  # pathlib raises ValueError("embedded null byte") on it
+        raise AdapterFileError(
+            f"{str(file)!r}: the path holds a NUL byte, which no file name can; check how the "
+            "path was built"
+        )
     try:
         mode = file.stat().st_mode
     except OSError as error:
