@@ -76,9 +76,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "no_recompile(max_recompiles=0, fresh=False): fail the test when dynamo recompiles more "
-        "than max_recompiles times during its setup and call (first compiles are fine); "
-        "fresh=True resets dynamo first",
+        "no_recompile(max_recompiles=0, fresh=False, count_all=False): fail the test when dynamo "
+        "recompiles more than max_recompiles times during its setup and call (first compiles are "
+        "fine), at the guard of the recompile past the allowance, before it compiles; "
+        "count_all=True compiles on and counts every recompile; fresh=True resets dynamo first",
     )
     config.addinivalue_line(
         "markers",
@@ -117,9 +118,10 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     if session.watcher_of(item) is None:
         return (yield)
     try:
-        result = yield
+        with session.fail_at_guard(item):
+            result = yield
     except BaseException as error:
-        if not session.is_storm_failure(item, error):
+        if not (session.is_storm_failure(item, error) or session.is_guard_stop(item, error)):
             session.call_recompile_hooks(item)
             raise
         result = None

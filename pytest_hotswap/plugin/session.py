@@ -9,6 +9,7 @@ torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 #: Fixtures whose use makes a test watched (besides every ``hotswap_*`` fixture).
 WATCHING_FIXTURES = ("compile_watcher",)
 WATCHING_PREFIX = "hotswap_"
-NO_RECOMPILE_KWARGS = ("max_recompiles", "fresh")
+NO_RECOMPILE_KWARGS = ("max_recompiles", "fresh", "count_all")
 
 
 @dataclasses.dataclass
@@ -38,6 +39,7 @@ class WatchedTest:
 
     allowance: int | None  # the no_recompile allowance; None: watched, not judged
     fresh: bool = False
+    count_all: bool = False  # compile on past the allowance (else: fail at the guard)
     watcher: CompileWatcher | None = None
     hooked: int = 0  # failing events already passed to pytest_hotswap_recompile
     failed_by_marker: bool = False
@@ -122,7 +124,8 @@ class HotswapSession:
         for item in items:
             allowance, fresh = no_recompile_marker(item, self.options.strict, self.options.fresh)
             if allowance is not None or _uses_fixtures(item):
-                item.stash[ITEM_KEY] = WatchedTest(allowance, fresh)
+                count_all = no_recompile_count_all(item, self.options.count_all)
+                item.stash[ITEM_KEY] = WatchedTest(allowance, fresh, count_all)
                 self.uses_hotswap = True
         if self.uses_hotswap:
             from pytest_hotswap.stacks import too_old
@@ -163,6 +166,29 @@ class HotswapSession:
         import torch
 
         torch.compiler.reset()
+
+    def fail_at_guard(self, item: pytest.Item) -> contextlib.AbstractContextManager[None]:
+        """Around a marked test's call: the recompile past its allowance is refused at its
+        guard, before compiling (unless ``count_all``)."""
+        state = item.stash[ITEM_KEY]
+        if state.allowance is None or state.count_all or state.watcher is None:
+            return contextlib.nullcontext()
+        return state.watcher.fail_at_guard(state.allowance)
+
+    def is_guard_stop(self, item: pytest.Item, error: BaseException) -> bool:
+        """Whether ``error`` is dynamo's refusal of a recompile the marked test's watcher saw."""
+        state = item.stash[ITEM_KEY]
+        if state.allowance is None or state.watcher is None or not state.watcher.stopped_at_guard:
+            return False
+        exc = sys.modules.get("torch._dynamo.exc")
+        seen: set[int] = set()
+        cause: BaseException | None = error
+        while cause is not None and id(cause) not in seen:  # a caller may wrap it
+            if exc is not None and isinstance(cause, exc.RecompileError):
+                return True
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        return False
 
     def is_storm_failure(self, item: pytest.Item, error: BaseException) -> bool:
         """Whether ``error`` is the storm a marked test's watcher recorded.
@@ -291,7 +317,7 @@ def _header_lines(session: HotswapSession) -> list[str]:
         f"quantize={o.quantize} pipelines={','.join(o.pipelines)} "
         f"implementations={','.join(o.implementations)}"
     )
-    flags = "".join(f" {flag}" for flag in ("strict", "fresh") if getattr(o, flag))
+    flags = "".join(f" {flag}" for flag in ("strict", "fresh", "count_all") if getattr(o, flag))
     defects = [
         d
         for name in o.implementations
@@ -441,7 +467,8 @@ def no_recompile_marker(
     if unknown or len(marker.args) > 1 or (marker.args and "max_recompiles" in marker.kwargs):
         got = ", ".join([*map(repr, marker.args), *(f"{k}=" for k in unknown)])
         raise pytest.UsageError(
-            f"{where} got unexpected arguments ({got}); accepted: max_recompiles=N, fresh=True|False"
+            f"{where} got unexpected arguments ({got}); accepted: max_recompiles=N, "
+            "fresh=True|False, count_all=True|False"
         )
     value = marker.args[0] if marker.args else marker.kwargs.get("max_recompiles", 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -450,6 +477,16 @@ def no_recompile_marker(
     if not isinstance(fresh, bool):
         raise pytest.UsageError(f"{where}(fresh={fresh!r}): expected True or False")
     return value, fresh
+
+
+def no_recompile_count_all(item: pytest.Item, default: bool) -> bool:
+    """``count_all`` of ``item``'s ``no_recompile`` marker (else ``--hotswap-count-all``)."""
+    marker = item.get_closest_marker("no_recompile")
+    value = default if marker is None else marker.kwargs.get("count_all", default)
+    if not isinstance(value, bool):
+        where = f"{item.nodeid}: @pytest.mark.no_recompile"
+        raise pytest.UsageError(f"{where}(count_all={value!r}): expected True or False")
+    return value
 
 
 def _uses_fixtures(item: pytest.Item) -> bool:

@@ -9,9 +9,10 @@ from typing import Any, ClassVar
 
 from pytest_hotswap.watch.caches import CacheTracker, region_of
 from pytest_hotswap.watch.events import (
-    COMPILING_KINDS,
+    CAUSED_BY_LAYOUT,
     KIND_CACHE_SWITCH,
     KIND_COMPILE,
+    KIND_LAYOUT_CHANGE,
     KIND_RECOMPILE,
     KIND_STORM,
     KIND_UNOBSERVED,
@@ -39,6 +40,11 @@ class CompileWatcher:
     holds a cache entry. At each step and at exit the watcher also reads dynamo's cache lists: a
     frame that, after a step, runs an entry compiled before the scope began instead of the one it
     ran before is a cache switch, which a fresh process would have seen as a recompile.
+
+    A layout change (:meth:`record`) and the recompile or cache switch that follows it in the
+    same step are one event, counted once: a fresh process sees one recompile there.
+    Inside :meth:`fail_at_guard`, the recompile that would go past the allowance is refused at
+    its guard (dynamo's ``error_on_recompile``), before anything is compiled.
     """
 
     _active: ClassVar[list[CompileWatcher]] = []
@@ -54,6 +60,8 @@ class CompileWatcher:
         self._graph_breaks_done = 0  # counted in earlier scopes of this watcher
         self._graph_breaks_at_enter: int | None = None
         self._caches: CacheTracker | None = None
+        self._allowance: int | None = None  # inside fail_at_guard: recompiles allowed
+        self._flag_before: bool | None = None  # error_on_recompile before fail_at_guard
 
     # -- scope ---------------------------------------------------------------------------------
 
@@ -73,6 +81,7 @@ class CompileWatcher:
             if self._depth == 0:
                 _TAP.collect()
                 self.checkpoint()
+                self._stop_refusing()
                 self._graph_breaks_done = self.graph_breaks
                 self._graph_breaks_at_enter = None
                 self._caches = None
@@ -97,6 +106,7 @@ class CompileWatcher:
             watcher.steps.append(Step(label, swap_ms))
             watcher._label = label
             watcher._stepped = True
+            watcher._update_refusal()
 
     @contextlib.contextmanager
     def warmup(self, label: str) -> Iterator[None]:
@@ -109,6 +119,7 @@ class CompileWatcher:
             watcher._warmups += 1
             watcher._label = f"warmup: {label}"
             watcher._stepped = False
+            watcher._update_refusal()  # a warm-up compiles first compiles: never refused
         try:
             yield
         finally:
@@ -117,6 +128,7 @@ class CompileWatcher:
                 watcher._warmups -= 1
                 watcher._label = previous
                 watcher._stepped = stepped
+                watcher._update_refusal()
 
     def adopt(self, compiled: Any) -> None:
         """Count the compiled entries ``compiled`` holds now as run by this scope's own setup.
@@ -134,7 +146,7 @@ class CompileWatcher:
     def record(self, event: CompileEvent) -> None:
         """Add an event found outside dynamo (a layout change) to this and enclosing watchers."""
         for watcher in self._chain():
-            watcher.events.append(event)
+            watcher._add(event)
 
     def checkpoint(self) -> None:
         """Read dynamo's cache lists now: a cache switch since the last reading becomes an event."""
@@ -143,7 +155,7 @@ class CompileWatcher:
         switches = self._caches.checkpoint(after_step=self._stepped and not self._warmups)
         for switch in switches:
             code = switch.code
-            self.events.append(
+            self._add(
                 CompileEvent(
                     compile_id=switch.entry,
                     frame=code.co_name,
@@ -169,7 +181,7 @@ class CompileWatcher:
     def compiles(self) -> int:
         """Every compilation attempt seen, first compiles and recompiles alike."""
         self._collect()
-        return sum(event.kind in COMPILING_KINDS for event in self.events)
+        return sum(event.compiled for event in self.events)
 
     @property
     def recompiles(self) -> int:
@@ -182,6 +194,12 @@ class CompileWatcher:
         """How many events of each failing kind happened."""
         self._collect()
         return count_kinds(self.events)
+
+    @property
+    def stopped_at_guard(self) -> bool:
+        """A recompile was refused at its guard inside :meth:`fail_at_guard` (nothing compiled)."""
+        self._collect()
+        return any(event.stopped_at_guard for event in self.events)
 
     @property
     def had_storm(self) -> bool:
@@ -211,14 +229,12 @@ class CompileWatcher:
 
     def _observe(self, observation: Observation) -> None:
         kind = observation.failure or KIND_COMPILE
-        if (
-            kind == KIND_COMPILE
-            and not observation.first_compile
-            and not self._warmups
-            and _is_recompile(observation)
+        if kind == KIND_COMPILE and (
+            observation.refused  # dynamo itself judged it a recompile, and compiled nothing
+            or (not observation.first_compile and not self._warmups and _is_recompile(observation))
         ):
             kind = KIND_RECOMPILE
-        self.events.append(
+        self._add(
             CompileEvent(
                 compile_id=observation.compile_id,
                 frame=observation.frame,
@@ -228,8 +244,84 @@ class CompileWatcher:
                 reasons=observation.reasons,
                 step=self._label,
                 seconds=observation.seconds,
+                stopped_at_guard=observation.refused,
             )
         )
+
+    def _add(self, event: CompileEvent) -> None:
+        """Append ``event``, or fold it into the layout change of this step that caused it."""
+        pending = self._pending_layout() if event.kind in CAUSED_BY_LAYOUT else None
+        if pending is None:
+            self.events.append(event)
+        else:
+            self.events[pending] = event.caused_by(self.events[pending])
+        self._update_refusal()
+
+    def _pending_layout(self) -> int | None:
+        """The index of a layout change of the current step that no recompile has joined yet.
+
+        A swap records its layout change, then labels its step: what follows under that label
+        (the next call's recompile, or its switch to an older entry) is what the change caused.
+        """
+        for index in range(len(self.events) - 1, -1, -1):
+            event = self.events[index]
+            if event.kind == KIND_LAYOUT_CHANGE and event.caused is None:
+                return index if event.step == self._label else None
+        return None
+
+    # -- failing at the guard ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def fail_at_guard(self, max_recompiles: int = 0) -> Iterator[None]:
+        """Inside, the recompile that would go past ``max_recompiles`` is refused at its guard.
+
+        Dynamo then raises ``torch._dynamo.exc.RecompileError`` naming the guard, before any
+        tracing or compiling; the refused attempt is an event with ``stopped_at_guard``. The
+        first ``max_recompiles`` recompiles compile as usual, and so does the one a pending
+        layout change caused (it joins that event, which is already counted). First compiles,
+        warm-ups and storms of frames still within the allowance are never refused. Cache
+        switches, layout changes and cudagraph events count towards the allowance but cannot be
+        stopped: they fail the verdict afterwards. ``error_on_recompile`` is put back on exit.
+        """
+        if not self.active:
+            raise RuntimeError("fail_at_guard() needs an active CompileWatcher (use it inside)")
+        import torch._dynamo
+
+        with LOCK:
+            outer = self._allowance
+            if outer is None:
+                self._flag_before = bool(torch._dynamo.config.error_on_recompile)
+            self._allowance = max_recompiles
+            self._update_refusal()
+        try:
+            yield
+        finally:
+            with LOCK:
+                if outer is None:
+                    self._stop_refusing()
+                else:
+                    self._allowance = outer
+                    self._update_refusal()
+
+    def _update_refusal(self) -> None:
+        """Set ``error_on_recompile`` for the next recompile: on once it would spend too much."""
+        if self._allowance is None:
+            return
+        import torch._dynamo
+
+        spent = sum(event.is_recompile for event in self.events)
+        cost = 0 if self._pending_layout() is not None else 1
+        refuse = not self._warmups and spent + cost > self._allowance
+        torch._dynamo.config.error_on_recompile = bool(self._flag_before) or refuse
+
+    def _stop_refusing(self) -> None:
+        if self._allowance is None:
+            return
+        import torch._dynamo
+
+        torch._dynamo.config.error_on_recompile = bool(self._flag_before)
+        self._allowance = None
+        self._flag_before = None
 
     # -- verdicts ------------------------------------------------------------------------------
 
