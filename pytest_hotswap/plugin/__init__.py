@@ -117,11 +117,12 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     session = _session(item.config)
     if session.watcher_of(item) is None:
         return (yield)
+    test = item.stash[ITEM_KEY]
     try:
-        with session.fail_at_guard(item):
+        with test.fail_at_guard():
             result = yield
     except BaseException as error:
-        if not (session.is_storm_failure(item, error) or session.is_guard_stop(item, error)):
+        if not (test.is_storm_failure(error) or test.is_guard_stop(error)):
             session.call_recompile_hooks(item)
             raise
         result = None

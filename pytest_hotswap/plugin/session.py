@@ -45,6 +45,40 @@ class WatchedTest:
     failed_by_marker: bool = False
     outcome: str = "passed"
 
+    @property
+    def judged(self) -> bool:
+        """Marked ``no_recompile`` (or strict) and watched."""
+        return self.allowance is not None and self.watcher is not None
+
+    def fail_at_guard(self) -> contextlib.AbstractContextManager[None]:
+        """Around a marked test's call: the recompile past its allowance is refused at its
+        guard, before compiling (unless ``count_all``)."""
+        if not self.judged or self.count_all:
+            return contextlib.nullcontext()
+        return self.watcher.fail_at_guard(self.allowance)
+
+    def is_guard_stop(self, error: BaseException) -> bool:
+        """Whether ``error`` is dynamo's refusal of a recompile this test's watcher saw."""
+        if not self.judged or not self.watcher.stopped_at_guard:
+            return False
+        exc = sys.modules.get("torch._dynamo.exc")
+        seen: set[int] = set()
+        cause: BaseException | None = error
+        while cause is not None and id(cause) not in seen:  # a caller may wrap it
+            if exc is not None and isinstance(cause, exc.RecompileError):
+                return True
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        return False
+
+    def is_storm_failure(self, error: BaseException) -> bool:
+        """Whether ``error`` is the storm this test's watcher recorded.
+
+        Under fullgraph, a frame past dynamo's recompile_limit raises instead of falling back to
+        eager: the watcher recorded that storm, so the test fails the same clean way as without.
+        """
+        return self.judged and self.watcher.had_storm and _is_recompile_limit_error(error)
+
 
 ITEM_KEY = pytest.StashKey[WatchedTest]()
 #: The run's :class:`HotswapSession`, in ``config.stash``.
@@ -166,43 +200,6 @@ class HotswapSession:
         import torch
 
         torch.compiler.reset()
-
-    def fail_at_guard(self, item: pytest.Item) -> contextlib.AbstractContextManager[None]:
-        """Around a marked test's call: the recompile past its allowance is refused at its
-        guard, before compiling (unless ``count_all``)."""
-        state = item.stash[ITEM_KEY]
-        if state.allowance is None or state.count_all or state.watcher is None:
-            return contextlib.nullcontext()
-        return state.watcher.fail_at_guard(state.allowance)
-
-    def is_guard_stop(self, item: pytest.Item, error: BaseException) -> bool:
-        """Whether ``error`` is dynamo's refusal of a recompile the marked test's watcher saw."""
-        state = item.stash[ITEM_KEY]
-        if state.allowance is None or state.watcher is None or not state.watcher.stopped_at_guard:
-            return False
-        exc = sys.modules.get("torch._dynamo.exc")
-        seen: set[int] = set()
-        cause: BaseException | None = error
-        while cause is not None and id(cause) not in seen:  # a caller may wrap it
-            if exc is not None and isinstance(cause, exc.RecompileError):
-                return True
-            seen.add(id(cause))
-            cause = cause.__cause__ or cause.__context__
-        return False
-
-    def is_storm_failure(self, item: pytest.Item, error: BaseException) -> bool:
-        """Whether ``error`` is the storm a marked test's watcher recorded.
-
-        Under fullgraph, a frame past dynamo's recompile_limit raises instead of falling back to
-        eager: the watcher recorded that storm, so the test fails the same clean way as without.
-        """
-        state = item.stash[ITEM_KEY]
-        return (
-            state.allowance is not None
-            and state.watcher is not None
-            and state.watcher.had_storm
-            and _is_recompile_limit_error(error)
-        )
 
     def verdict(self, item: pytest.Item) -> str | None:
         """After the call: the failure message of ``no_recompile``, or ``None``."""

@@ -8,27 +8,22 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from pytest_hotswap.watch.caches import CacheTracker, region_of
+from pytest_hotswap.watch.counts import EventCounts
 from pytest_hotswap.watch.events import (
     CAUSED_BY_LAYOUT,
-    KIND_CACHE_SWITCH,
     KIND_COMPILE,
     KIND_LAYOUT_CHANGE,
     KIND_RECOMPILE,
-    KIND_STORM,
-    KIND_UNOBSERVED,
     CompileEvent,
-    RecompileError,
     Step,
-    count_kinds,
-    format_report,
-    plural,
 )
+from pytest_hotswap.watch.guard import GuardRefusal
 from pytest_hotswap.watch.tap import LOCK, Observation, Tap
 
 _COMPILE_ID = re.compile(r"(\d+)/(\d+)$")
 
 
-class CompileWatcher:
+class CompileWatcher(EventCounts):
     """Counts compiles, recompiles and graph breaks while active; re-entrant and nestable.
 
     Use as a context manager. Nested watchers each see the events inside their own scope;
@@ -60,8 +55,7 @@ class CompileWatcher:
         self._graph_breaks_done = 0  # counted in earlier scopes of this watcher
         self._graph_breaks_at_enter: int | None = None
         self._caches: CacheTracker | None = None
-        self._allowance: int | None = None  # inside fail_at_guard: recompiles allowed
-        self._flag_before: bool | None = None  # error_on_recompile before fail_at_guard
+        self._guard = GuardRefusal()  # inside fail_at_guard: refuses past the allowance
 
     # -- scope ---------------------------------------------------------------------------------
 
@@ -81,7 +75,7 @@ class CompileWatcher:
             if self._depth == 0:
                 _TAP.collect()
                 self.checkpoint()
-                self._stop_refusing()
+                self._guard.stop()
                 self._graph_breaks_done = self.graph_breaks
                 self._graph_breaks_at_enter = None
                 self._caches = None
@@ -152,21 +146,8 @@ class CompileWatcher:
         """Read dynamo's cache lists now: a cache switch since the last reading becomes an event."""
         if self._caches is None:
             return
-        switches = self._caches.checkpoint(after_step=self._stepped and not self._warmups)
-        for switch in switches:
-            code = switch.code
-            self._add(
-                CompileEvent(
-                    compile_id=switch.entry,
-                    frame=code.co_name,
-                    filename=code.co_filename,
-                    lineno=code.co_firstlineno,
-                    kind=KIND_CACHE_SWITCH,
-                    reasons=switch.reasons,
-                    step=self._label,
-                    seconds=0.0,
-                )
-            )
+        for switch in self._caches.checkpoint(after_step=self._stepped and not self._warmups):
+            self._add(switch.event(self._label))
 
     def _chain(self) -> list[CompileWatcher]:
         """This watcher and every active one that encloses it."""
@@ -174,44 +155,6 @@ class CompileWatcher:
             if self not in CompileWatcher._active:
                 return [self]
             return CompileWatcher._active[: CompileWatcher._active.index(self) + 1]
-
-    # -- counts --------------------------------------------------------------------------------
-
-    @property
-    def compiles(self) -> int:
-        """Every compilation attempt seen, first compiles and recompiles alike."""
-        self._collect()
-        return sum(event.compiled for event in self.events)
-
-    @property
-    def recompiles(self) -> int:
-        """Every event that fails ``no_recompile``: recompiles, storms, cache switches, layout
-        changes, cudagraph re-records or skips, and compiles the watcher could not see."""
-        self._collect()
-        return sum(event.is_recompile for event in self.events)
-
-    def counts(self) -> dict[str, int]:
-        """How many events of each failing kind happened."""
-        self._collect()
-        return count_kinds(self.events)
-
-    @property
-    def stopped_at_guard(self) -> bool:
-        """A recompile was refused at its guard inside :meth:`fail_at_guard` (nothing compiled)."""
-        self._collect()
-        return any(event.stopped_at_guard for event in self.events)
-
-    @property
-    def had_storm(self) -> bool:
-        """A frame hit ``recompile_limit``: it runs eagerly from then on and dynamo stops reporting."""
-        self._collect()
-        return any(event.kind == KIND_STORM for event in self.events)
-
-    @property
-    def was_blind(self) -> bool:
-        """Compile metrics logging was turned off (or its logger silenced) inside the scope."""
-        self._collect()
-        return any(event.kind == KIND_UNOBSERVED for event in self.events)
 
     def _collect(self) -> None:
         if self.active:
@@ -222,10 +165,6 @@ class CompileWatcher:
         if self._graph_breaks_at_enter is None:
             return self._graph_breaks_done
         return self._graph_breaks_done + max(0, _graph_break_count() - self._graph_breaks_at_enter)
-
-    @property
-    def compile_seconds(self) -> float:
-        return sum(event.seconds for event in self.events)
 
     def _observe(self, observation: Observation) -> None:
         kind = observation.failure or KIND_COMPILE
@@ -285,64 +224,25 @@ class CompileWatcher:
         """
         if not self.active:
             raise RuntimeError("fail_at_guard() needs an active CompileWatcher (use it inside)")
-        import torch._dynamo
-
         with LOCK:
-            outer = self._allowance
-            if outer is None:
-                self._flag_before = bool(torch._dynamo.config.error_on_recompile)
-            self._allowance = max_recompiles
+            outer = self._guard.start(max_recompiles)
             self._update_refusal()
         try:
             yield
         finally:
             with LOCK:
                 if outer is None:
-                    self._stop_refusing()
+                    self._guard.stop()
                 else:
-                    self._allowance = outer
+                    self._guard.allowance = outer
                     self._update_refusal()
 
     def _update_refusal(self) -> None:
-        """Set ``error_on_recompile`` for the next recompile: on once it would spend too much."""
-        if self._allowance is None:
-            return
-        import torch._dynamo
-
-        spent = sum(event.is_recompile for event in self.events)
-        cost = 0 if self._pending_layout() is not None else 1
-        refuse = not self._warmups and spent + cost > self._allowance
-        torch._dynamo.config.error_on_recompile = bool(self._flag_before) or refuse
-
-    def _stop_refusing(self) -> None:
-        if self._allowance is None:
-            return
-        import torch._dynamo
-
-        torch._dynamo.config.error_on_recompile = bool(self._flag_before)
-        self._allowance = None
-        self._flag_before = None
-
-    # -- verdicts ------------------------------------------------------------------------------
-
-    def assert_no_recompile(self, max_recompiles: int = 0) -> None:
-        """Raise ``RecompileError`` past ``max_recompiles``; a storm or a blind watcher always fails.
-
-        After a storm dynamo runs the frame eagerly and stops reporting, and a watcher that missed
-        compiles cannot tell recompiles apart: in both cases no count is trustworthy.
-        """
-        __tracebackhide__ = True
-        self.checkpoint()
-        if self.recompiles > max_recompiles or self.had_storm or self.was_blind:
-            allowed = f"{max_recompiles} allowed" if max_recompiles else "none allowed"
-            raise RecompileError(
-                f"{plural(self.recompiles, 'recompile')} ({allowed})\n{self.report()}"
-            )
-
-    def report(self) -> str:
-        """A summary line, then each recompile (or other failing event) grouped by its step."""
-        self._collect()
-        return "\n".join(format_report(self.events, self.graph_breaks))
+        self._guard.update(
+            spent=sum(event.is_recompile for event in self.events),
+            pending_layout=self._pending_layout() is not None,
+            warming_up=bool(self._warmups),
+        )
 
 
 def _is_recompile(observation: Observation) -> bool:
