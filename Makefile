@@ -13,8 +13,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,docs]'
+	$(PYTHON) tools/install.py $(BIN)/python -c constraints.txt -e '.[test,docs]'
 	touch $(STAMP)
 
 lint: venv
