@@ -41,7 +41,9 @@ class PipelineSpec:
     ``fc1.lora_A.weight``). ``run`` is the deterministic end-to-end call that returns a tensor and
     takes keyword overrides; ``inputs`` returns the keyword arguments of one direct denoiser call.
     ``strength_keyword`` is the call keyword diffusers reads a LoRA ``scale`` from (found from the
-    pipeline's signature when not given). The recipe compiles the denoiser in place
+    pipeline's signature when not given). ``denoisers`` lists every denoiser that carries LoRA
+    and gets compiled (Wan 2.2's ``transformer`` and ``transformer_2``), ``denoiser`` first;
+    it defaults to ``[denoiser]``. The recipe compiles the denoiser in place
     (``nn.Module.compile``), so closures over ``pipe`` or ``denoiser`` call the compiled code.
     """
 
@@ -52,10 +54,15 @@ class PipelineSpec:
     inputs: Callable[[], dict[str, Any]] | None = None
     fullgraph: bool = True
     strength_keyword: str | None = None
+    denoisers: list[torch.nn.Module] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.strength_keyword is None and self.pipe is not None:
             self.strength_keyword = strength_keyword_of(self.pipe)
+        if not self.denoisers:
+            self.denoisers = [self.denoiser]
+        elif self.denoisers[0] is not self.denoiser:
+            raise ValueError("PipelineSpec.denoisers must start with PipelineSpec.denoiser")
 
     @property
     def lora_target(self) -> Any:
@@ -134,10 +141,56 @@ def flux_spec(options: HotswapOptions, seed: int = 0) -> PipelineSpec:
     )
 
 
-REGISTRY: dict[str, PipelineEntry] = {
-    "sd": PipelineEntry("sd", sd_spec, "tiny Stable Diffusion: UNet (Linear + Conv2d), CLIP"),
-    "flux": PipelineEntry("flux", flux_spec, "tiny Flux: transformer, CLIP + T5"),
-}
+def driven_spec(name: str, pipe: Any, seed: int = 0) -> PipelineSpec:
+    """A spec for any pipeline the families driver can drive (refused first, naming what is
+    missing): the denoisers its LoRA loader declares, the first of them as ``denoiser``, and
+    ``run`` the smallest seeded call of the pipeline's own ``__call__`` (latents out).
+    ``inputs`` is None: a direct denoiser call is not derivable from the pipeline.
+
+    One eager call first: it refuses a pipeline that leaves a denoiser idle, and fills what a
+    model computes lazily on its first call (Z-Image's rotary table is built under
+    ``with torch.device("cpu")``, which dynamo cannot trace with ``fullgraph=True``).
+    """
+    from pytest_hotswap.pipelines import families_driver as driver
+
+    driver.check_drivable(pipe)
+    models = list(driver.denoisers(pipe).values())
+    driver.drive(pipe, seed)
+
+    def run(**overrides: Any) -> torch.Tensor:
+        return driver.drive(pipe, seed, **overrides)
+
+    return PipelineSpec(name, models[0], run, pipe=pipe, denoisers=models)
+
+
+def family_spec(family: str) -> Callable[[HotswapOptions, int], PipelineSpec]:
+    """The build function of a built-in family of :mod:`families_table`."""
+
+    def build(options: HotswapOptions, seed: int = 0) -> PipelineSpec:
+        from pytest_hotswap.pipelines.families import build_family
+
+        options = options.resolved()
+        pipe = build_family(family, seed, options.device, options.dtype)
+        return driven_spec(family, pipe, seed)
+
+    return build
+
+
+def _registry() -> dict[str, PipelineEntry]:
+    """``sd`` and ``flux`` as :mod:`tiny` builds them (prompts as embeddings, the pipelines the
+    rest of the suite was verified on); every other family of the table through the driver."""
+    from pytest_hotswap.pipelines.families_table import FAMILIES
+
+    entries = {
+        "sd": PipelineEntry("sd", sd_spec, "tiny Stable Diffusion: UNet (Linear + Conv2d), CLIP"),
+        "flux": PipelineEntry("flux", flux_spec, "tiny Flux: transformer, CLIP + T5"),
+    }
+    for name, family in FAMILIES.items():
+        entries.setdefault(name, PipelineEntry(name, family_spec(name), family.description))
+    return entries
+
+
+REGISTRY: dict[str, PipelineEntry] = _registry()
 
 
 def register(entry: PipelineEntry) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_hotswap.adapters.header import DENOISER_NAMES
+from pytest_hotswap.pipelines.families_table import FAMILIES
 
 
 class PipelineNotFoundError(ValueError):
@@ -47,7 +48,7 @@ def find_saved_pipeline(source: str) -> SavedPipeline:
         folder = _cached_snapshot(source)
     else:
         raise PipelineNotFoundError(
-            f"{source!r}: no registered pipeline of that name (sd, flux), no such "
+            f"{source!r}: no registered pipeline of that name ({', '.join(FAMILIES)}), no such "
             "folder, and not a hub id (owner/name); give a folder written by "
             "pipe.save_pretrained(...), a hub id in the local cache, or a name a "
             "pytest_hotswap_build_pipeline hook builds"
