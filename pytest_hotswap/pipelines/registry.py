@@ -18,11 +18,7 @@ import torch
 
 from pytest_hotswap.adapters.header import TEXT_ENCODER_NAMES
 from pytest_hotswap.pipelines import tiny
-from pytest_hotswap.pipelines.saved import (
-    PipelineNotFoundError,
-    SavedPipeline,
-    find_saved_pipeline,
-)
+from pytest_hotswap.pipelines.saved import SavedPipeline, find_saved_pipeline
 
 if TYPE_CHECKING:
     from pytest_hotswap.options import HotswapOptions
@@ -201,17 +197,22 @@ def register(entry: PipelineEntry) -> None:
 # --- pipelines saved on disk ------------------------------------------------------------------
 
 
-def saved_spec(saved: SavedPipeline, options: HotswapOptions) -> PipelineSpec:
-    """Load the saved pipeline offline on the options' device and dtype.
+def saved_spec(saved: SavedPipeline, options: HotswapOptions, seed: int = 0) -> PipelineSpec:
+    """Load the saved pipeline offline on the options' device and dtype, driven by the families
+    driver: its LoRA loader's denoisers, its own ``__call__`` with a prompt through its own
+    tokenizers, the smallest size, two steps, latents out (see :func:`driven_spec`).
 
-    Its ``run`` is a short deterministic call: 2 steps at the smallest size the denoiser takes,
-    prompts as seeded token ids through its own tokenizer-free text encoders when it has them.
+    A folder saved without tokenizers by pytest-hotswap's tiny ``sd`` / ``flux`` builders (their
+    prompts are embeddings) is called as those are, recognised by its exact pipeline class.
     """
     from diffusers import DiffusionPipeline
 
     from pytest_hotswap.adapters.loading import quiet_diffusers
+    from pytest_hotswap.pipelines.families_driver import check_drivable
 
     options = options.resolved()
+    if saved.class_name is not None:
+        check_drivable(saved.pipeline_class())  # before loading: what is missing, named
     with quiet_diffusers():
         pipe = DiffusionPipeline.from_pretrained(
             str(saved.folder),
@@ -222,26 +223,42 @@ def saved_spec(saved: SavedPipeline, options: HotswapOptions) -> PipelineSpec:
     pipe = pipe.to(options.device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    denoiser = getattr(pipe, saved.denoiser)
-    encoded = _encoded_call(pipe)
+    encoded = _tokenizer_free_call(pipe, saved, seed)
+    if encoded is None:
+        _check_tokenizers(pipe, saved)
+        return driven_spec(saved.label, pipe, seed)
 
     def run(**overrides: Any) -> torch.Tensor:
         return pipe(**{**encoded(), **overrides}).images
 
-    return PipelineSpec(saved.label, denoiser, run, pipe=pipe)
+    return PipelineSpec(saved.label, getattr(pipe, saved.denoiser), run, pipe=pipe)
 
 
-def _encoded_call(pipe: Any) -> Callable[[], dict[str, Any]]:
-    """Deterministic call keywords for a saved pipeline of a family the tiny ones cover."""
-    if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "text_encoder_2"):
-        return lambda: tiny.flux_encoded_call_kwargs(pipe)
-    if getattr(pipe, "unet", None) is not None and hasattr(pipe, "text_encoder"):
-        return lambda: tiny.sd_encoded_call_kwargs(pipe)
-    raise PipelineNotFoundError(
-        f"{type(pipe).__name__}: pytest-hotswap knows how to call Stable Diffusion and Flux "
-        "pipelines; for another family return a PipelineSpec with its own run() from a "
-        "pytest_hotswap_build_pipeline hook"
-    )
+def _tokenizer_free_call(
+    pipe: Any, saved: SavedPipeline, seed: int
+) -> Callable[[], dict[str, Any]] | None:
+    """The embeddings call of a tiny ``sd`` / ``flux`` saved without tokenizers, else None."""
+    from diffusers import FluxPipeline, StableDiffusionPipeline
+
+    if "tokenizer" not in saved.missing:
+        return None
+    if type(pipe) is FluxPipeline:
+        return lambda: tiny.flux_encoded_call_kwargs(pipe, seed)
+    if type(pipe) is StableDiffusionPipeline:
+        return lambda: tiny.sd_encoded_call_kwargs(pipe, seed)
+    return None
+
+
+def _check_tokenizers(pipe: Any, saved: SavedPipeline) -> None:
+    from pytest_hotswap.pipelines.families_driver import BUILD_HOOK, UnsupportedPipelineError
+
+    lacking = [name for name in saved.missing if name.startswith("tokenizer")]
+    if lacking:
+        raise UnsupportedPipelineError(
+            f"{type(pipe).__name__} in {saved.folder} was saved without {', '.join(lacking)}; "
+            "the driver passes a prompt through the pipeline's own tokenizers: save the "
+            f"pipeline with them, or {BUILD_HOOK}"
+        )
 
 
 def build_spec(name: str, options: HotswapOptions, seed: int = 0) -> PipelineSpec:
@@ -249,4 +266,4 @@ def build_spec(name: str, options: HotswapOptions, seed: int = 0) -> PipelineSpe
     entry = REGISTRY.get(name)
     if entry is not None:
         return entry.build(options, seed)
-    return saved_spec(find_saved_pipeline(name), options)
+    return saved_spec(find_saved_pipeline(name), options, seed)
