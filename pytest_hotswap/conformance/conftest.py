@@ -190,13 +190,8 @@ _EAGER_SPECS: dict[tuple[Any, ...], Any] = {}
 
 def _load_plain(spec: Any, lora: Any, name: str) -> None:
     from pytest_hotswap import pipelines
-    from pytest_hotswap.adapters.loading import loadable
 
-    if name == pipelines.ADAPTER_NAME:
-        pipelines.load_first_adapter(spec, lora)
-        return
-    with pipelines.quiet_diffusers():
-        spec.pipe.load_lora_weights(loadable(lora), adapter_name=name)
+    pipelines.load_first_adapter(spec, lora, name)  # every denoiser the loader reaches
 
 
 def _set_weights(spec: Any, names: list[str], weights: list[float]) -> None:

@@ -60,6 +60,16 @@ class PipelineSpec:
         elif self.denoisers[0] is not self.denoiser:
             raise ValueError("PipelineSpec.denoisers must start with PipelineSpec.denoiser")
 
+    def denoiser_names(self) -> list[str]:
+        """How the pipeline names each of ``denoisers`` (``transformer``, ``transformer_2``);
+        ``denoiser`` for a bare model."""
+        components = getattr(self.pipe, "components", None) or {}
+        names = []
+        for module in self.denoisers:
+            found = (name for name, value in components.items() if value is module)
+            names.append(next(found, "denoiser"))
+        return names
+
     @property
     def lora_target(self) -> Any:
         """What adapters are loaded into: the pipeline when there is one, else the denoiser."""

@@ -219,8 +219,13 @@ def hotswap_pipeline(
             f"{request.node.nodeid}: hotswap_pipeline is parametrized by pytest-hotswap's "
             "pytest_generate_tests; request it as a test argument, or use hotswap_pipeline_factory"
         )
+    from pytest_hotswap.implementations import UnsupportedFeatureError
+
     name, implementation = param
-    return hotswap_pipeline_factory(name, implementation)
+    try:
+        return hotswap_pipeline_factory(name, implementation)
+    except UnsupportedFeatureError as error:  # the matrix's "not supported"
+        pytest.skip(f"not supported: {error}")
 
 
 # --- Default hook implementations ------------------------------------------------------------
