@@ -152,3 +152,57 @@ def test_the_quantized_base_without_torchao_is_not_supported_unless_asked(
             "pip install 'pytest-hotswap[[]quant[]]'"
         ]
     )
+
+
+WAN_TESTS = """
+import pytest
+import torch
+
+
+@pytest.mark.no_recompile
+def test_one_swap_reaches_both_experts(hotswap_pipeline_factory, lora_factory):
+    pipeline = hotswap_pipeline_factory("wan", "diffusers")
+    assert sorted({key.split(".", 1)[0] for key in pipeline.lora_layout()}) == [
+        "transformer",
+        "transformer_2",
+    ]
+    before = pipeline.run()
+    pipeline.swap(lora_factory(pipeline, rank=4, seed=3))
+    layer = "blocks.0.attn1.to_q"
+    first = pipeline.pipe.transformer.get_submodule(layer).lora_A["default"].weight
+    second = pipeline.pipe.transformer_2.get_submodule(layer).lora_A["default"].weight
+    assert first.shape[0] == pipeline.max_rank
+    assert torch.equal(first, second) and first[:4].any() and not first[4:].any()
+    assert not torch.equal(pipeline.run(), before)
+
+
+@pytest.mark.no_recompile
+def test_a_grown_rank_is_caught(hotswap_pipeline_factory, lora_factory):
+    pipeline = hotswap_pipeline_factory("wan", "diffusers", max_rank=8)
+    pipeline.swap(lora_factory(pipeline, rank=16, seed=4))
+    pipeline.run()
+
+
+def test_the_reference_refuses_two_denoisers(hotswap_pipeline_factory):
+    from pytest_hotswap.implementations import UnsupportedFeatureError
+
+    with pytest.raises(UnsupportedFeatureError, match="wan has 2 [(]transformer, transformer_2[)]"):
+        hotswap_pipeline_factory("wan", "reference")
+"""
+
+
+def test_wan_22_swaps_both_experts_in_one_swap(pytester: pytest.Pytester) -> None:
+    """The diffusers implementation pads, compiles and swaps both experts; a rank grown past
+    the padding is caught (negative control), with the layout change named by expert."""
+    pytester.makepyfile(test_wan=WAN_TESTS)
+    result = pytester.runpytest_subprocess(
+        "--hotswap-backend=eager", "--hotswap-max-rank=16", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_a_grown_rank_is_caught _*",
+            "no_recompile: * recompiles (none allowed)",
+            "*tensor: transformer.blocks.0.attn1.to_k.lora_A.default.weight: shape (8, 24) -> (16, 24)",
+        ]
+    )

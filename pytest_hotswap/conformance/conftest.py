@@ -164,7 +164,8 @@ def eager_output(
     spec = _EAGER_SPECS.get((id(session), source, pipeline.options))
     if spec is None:
         spec = session.build_spec(source, pipeline.options)
-        pipelines.quantize_denoiser(spec.denoiser, pipeline.options.quantize)
+        for denoiser in spec.denoisers:  # as the compiled pipeline: Wan 2.2's experts both
+            pipelines.quantize_denoiser(denoiser, pipeline.options.quantize)
         if spec.has_lora_loader:  # reusable: its adapters can be unloaded
             _EAGER_SPECS[(id(session), source, pipeline.options)] = spec
     names = []

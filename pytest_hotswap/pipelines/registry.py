@@ -80,11 +80,13 @@ class PipelineSpec:
         return self.pipe is not None and hasattr(self.pipe, "load_lora_weights")
 
     def text_encoders(self) -> dict[str, torch.nn.Module]:
-        """The pipeline's text encoders by attribute name (``text_encoder``, ``text_encoder_2`` ...)."""
+        """The pipeline's LoRA-loadable text encoders by attribute name (``text_encoder`` ...)."""
         if self.pipe is None:
             return {}
+        # Those the pipeline's LoRA loader loads into, where it declares them (Wan's loads none).
+        declared = getattr(type(self.pipe), "_lora_loadable_modules", TEXT_ENCODER_NAMES)
         found = {}
-        for name in TEXT_ENCODER_NAMES:
+        for name in (n for n in TEXT_ENCODER_NAMES if n in declared):
             module = getattr(self.pipe, name, None)
             if isinstance(module, torch.nn.Module):
                 found[name] = module
