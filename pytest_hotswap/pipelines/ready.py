@@ -80,7 +80,7 @@ class HotswapPipeline:
     def compiled_modules(self) -> list[torch.nn.Module]:
         """The modules compiled for this pipeline: the denoiser, and the text encoders when
         they are hotswapped too."""
-        modules = [self.denoiser]
+        modules = list(self.spec.denoisers)  # Wan 2.2: both experts
         if self.preparation.text_encoder:
             modules += list(self.spec.text_encoders().values())
         return modules
@@ -221,11 +221,15 @@ class HotswapPipeline:
     def lora_layout(self) -> dict[str, TensorLayout]:
         """Every LoRA tensor of the compiled modules: object, shape, dtype, device, storage."""
         layout: dict[str, TensorLayout] = {}
+        # With several denoisers, each tensor is named by its denoiser (transformer_2.blocks...).
+        several = len(self.spec.denoisers) > 1
+        owners = dict(zip(map(id, self.spec.denoisers), self.spec.denoiser_names(), strict=True))
         for module in self.compiled_modules:
+            prefix = f"{owners[id(module)]}." if several and id(module) in owners else ""
             module = unwrap_compiled(module)
             for name, tensor in module.named_parameters():
                 if ".lora_" in name:
-                    layout[name] = (
+                    layout[prefix + name] = (
                         id(tensor),
                         tuple(tensor.shape),
                         tensor.dtype,

@@ -91,7 +91,10 @@ class HotswapSession:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         options = read_options(config)
-        _check_pipelines(options.pipelines)
+        options = dataclasses.replace(
+            options, pipelines=_check_pipelines(options.pipelines, config)
+        )
+        _check_quantize(options.quantize)
         self._catalog: Catalog | None = _read_catalog(options.adapters)  # read once, here
         self.options, self.max_rank_source = _resolve_max_rank(options, self._catalog)
         self._reporter: HotswapReporter | None = None
@@ -344,11 +347,14 @@ def check_implementations(session: HotswapSession) -> None:
 def build_spec(config: pytest.Config, name: str, options: opts.HotswapOptions) -> PipelineSpec:
     """The built, not yet adapted pipeline ``name``: from a hook, the registry or a folder."""
     from pytest_hotswap.pipelines import PipelineNotFoundError, PipelineSpec
+    from pytest_hotswap.pipelines.families_driver import UnsupportedPipelineError
 
     try:
         spec = config.hook.pytest_hotswap_build_pipeline(name=name, options=options)
     except PipelineNotFoundError as error:
         raise pytest.UsageError(f"--hotswap-pipelines: {error}") from None
+    except UnsupportedPipelineError as error:
+        raise pytest.UsageError(f"--hotswap-pipelines: {name!r}: {error}") from None
     if not isinstance(spec, PipelineSpec):
         raise TypeError(
             f"pytest_hotswap_build_pipeline returned {type(spec).__name__} for {name!r}; "
@@ -403,27 +409,65 @@ def _read_catalog(source: str | None) -> Catalog | None:
         raise pytest.UsageError(f"--hotswap-adapters={error}") from None
 
 
-def _check_pipelines(names: tuple[str, ...]) -> None:
-    """A ``--hotswap-pipelines`` entry that looks like a path must be a saved pipeline.
+def _check_pipelines(names: tuple[str, ...], config: pytest.Config) -> tuple[str, ...]:
+    """Check the ``--hotswap-pipelines`` entries that look like paths; return the entries with
+    each folder as its resolved absolute path (its identity from any working directory).
 
-    Reads only ``model_index.json``; registered names and names hooks build are checked when a
-    pipeline is built (hooks may take any name).
+    A path must be a saved pipeline (``model_index.json``) the driver can drive: a pipeline
+    class without a LoRA loader, or whose call needs an input the driver cannot make (an
+    image), is one usage error here naming the class, what is missing and the build hook;
+    unless a ``pytest_hotswap_build_pipeline`` hook besides pytest-hotswap's own is installed,
+    which may build it (its refusal then comes when the pipeline is built). Registered names
+    and names hooks build are checked when a pipeline is built (hooks may take any name).
     """
     if set(names) <= set(opts.PIPELINES.default):
-        return  # the built-in tiny pipelines: nothing to look at
+        return names  # the built-in tiny pipelines: nothing to look at
     from pytest_hotswap.pipelines.saved import (
-        PipelineNotFoundError,
         find_saved_pipeline,
+        identity_of,
         looks_like_path,
     )
 
+    hooks = config.pluginmanager.hook.pytest_hotswap_build_pipeline.get_hookimpls()
+    own_hook_only = len(hooks) <= 1
     for name in names:
         if not looks_like_path(name):
             continue
         try:
-            find_saved_pipeline(name)
-        except PipelineNotFoundError as error:
-            raise pytest.UsageError(f"--hotswap-pipelines: {error}") from None
+            saved = find_saved_pipeline(name)
+            if own_hook_only and saved.class_name is not None:
+                from pytest_hotswap.pipelines.families_driver import check_drivable
+
+                check_drivable(saved.pipeline_class())
+        except ValueError as error:  # PipelineNotFoundError, UnsupportedPipelineError
+            raise pytest.UsageError(f"--hotswap-pipelines: {_named(name, error)}") from None
+    return tuple(identity_of(name) for name in names)
+
+
+def _check_quantize(quantize: str) -> None:
+    """Quantization asked for (``--hotswap-quantize``, ini ``hotswap_quantize``) needs torchao,
+    an optional extra: without it, one usage error now rather than an error per test. (Not
+    asked for, the conformance suite's quantized-base scenario says "not supported".)"""
+    if quantize == "none":
+        return
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("torchao") is not None
+    except ValueError:  # a module without a spec in sys.modules
+        found = False
+    if not found:
+        raise pytest.UsageError(
+            f"{opts.QUANTIZE_OPTION.cli}={quantize} needs torchao, which is not installed: "
+            "pip install 'pytest-hotswap[quant]'"
+        )
+
+
+def _named(name: str, error: ValueError) -> str:
+    """The error, prefixed with the entry unless the message starts with it already."""
+    from pytest_hotswap.pipelines.saved import PipelineNotFoundError
+
+    return str(error) if isinstance(error, PipelineNotFoundError) else f"{name!r}: {error}"
 
 
 def _resolve_max_rank(
