@@ -26,9 +26,8 @@ from pytest_hotswap.plugin.session import (
     ITEM_KEY,
     SESSION_KEY,
     HotswapSession,
-    check_implementations,
-    header_lines,
 )
+from pytest_hotswap.plugin.start import check_implementations, header_lines
 
 if TYPE_CHECKING:
     from pytest_hotswap.watch import CompileWatcher
