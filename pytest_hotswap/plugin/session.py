@@ -108,6 +108,8 @@ class HotswapSession:
         self._cache: PipelineCache | None = None
         self._loras: LoraFactory | None = None
         self._undo_isolation: Any = None
+        #: ``isolation.ISOLATE`` or ``isolation.RESET``, chosen when the session uses hotswap.
+        self.isolation_route: str | None = None
 
     # -- options ----------------------------------------------------------------------------------
 
@@ -167,6 +169,9 @@ class HotswapSession:
             problems = too_old()
             if problems:
                 raise pytest.UsageError("pytest-hotswap: " + "; ".join(problems))
+            from pytest_hotswap.watch.isolation import route
+
+            self.isolation_route = route()
 
     def isolate(self) -> None:
         """Give every ``torch.compile`` call its own cache entries, once torch is in use.
@@ -185,9 +190,10 @@ class HotswapSession:
             self.isolate()  # an unwatched test that compiles must not share entries either
             return
         from pytest_hotswap.watch import CompileWatcher, profile
+        from pytest_hotswap.watch.isolation import RESET
 
         self.isolate()
-        if state.fresh:
+        if state.fresh or self.isolation_route == RESET:  # torch < 2.13: no isolate_recompiles
             self.reset_dynamo()
         profile.reset()  # dynamo's automatic-dynamic record starts empty, as in a fresh process
         state.watcher = CompileWatcher().__enter__()
@@ -325,6 +331,10 @@ def _header_lines(session: HotswapSession) -> list[str]:
         "verified" if verified_stack(defects) else "not verified: known defects expected loosely"
     )
     lines = [f"hotswap: {describe_stack()} ({verified}) | {settings}{flags}"]
+    if session.isolation_route is not None:
+        from pytest_hotswap.watch.isolation import describe_route
+
+        lines.append(f"hotswap isolation: {describe_route(session.isolation_route)}")
     if o.adapters is not None:
         lines.append(f"hotswap catalog: {o.adapters}")
     return lines
