@@ -108,8 +108,7 @@ class HotswapSession:
         self._cache: PipelineCache | None = None
         self._loras: LoraFactory | None = None
         self._undo_isolation: Any = None
-        #: ``isolation.ISOLATE`` or ``isolation.RESET``, chosen when the session uses hotswap.
-        self.isolation_route: str | None = None
+        self.isolation_route: str | None = None  # isolation.ISOLATE or RESET, set by collect()
 
     # -- options ----------------------------------------------------------------------------------
 
@@ -165,13 +164,12 @@ class HotswapSession:
                 self.uses_hotswap = True
         if self.uses_hotswap:
             from pytest_hotswap.stacks import too_old
+            from pytest_hotswap.watch.isolation import route
 
             problems = too_old()
             if problems:
                 raise pytest.UsageError("pytest-hotswap: " + "; ".join(problems))
-            from pytest_hotswap.watch.isolation import route
-
-            self.isolation_route = route()
+            self.isolation_route = route()  # imports torch
 
     def isolate(self) -> None:
         """Give every ``torch.compile`` call its own cache entries, once torch is in use.
@@ -189,20 +187,17 @@ class HotswapSession:
         if state is None:
             self.isolate()  # an unwatched test that compiles must not share entries either
             return
-        from pytest_hotswap.watch import CompileWatcher, profile
-        from pytest_hotswap.watch.isolation import RESET
+        from pytest_hotswap.watch import CompileWatcher, isolation, profile
 
         self.isolate()
-        if state.fresh or self.isolation_route == RESET:  # torch < 2.13: no isolate_recompiles
+        if state.fresh or self.isolation_route == isolation.RESET:
             self.reset_dynamo()
         profile.reset()  # dynamo's automatic-dynamic record starts empty, as in a fresh process
         state.watcher = CompileWatcher().__enter__()
 
     def reset_dynamo(self) -> None:
-        """``torch.compiler.reset()``: everything compiles again, as in a fresh process.
-
-        Cached pipelines warm up again (their compiles then count as this test's setup).
-        """
+        """``torch.compiler.reset()``, for ``fresh`` and on a torch without isolate_recompiles:
+        all compiles again as in a fresh process (cached pipelines warm up again, as setup)."""
         import torch
 
         torch.compiler.reset()
@@ -310,6 +305,7 @@ def header_lines(session: HotswapSession) -> list[str]:
 
 def _header_lines(session: HotswapSession) -> list[str]:
     from pytest_hotswap.stacks import describe_stack, verified_stack
+    from pytest_hotswap.watch.isolation import describe_route
 
     o = session.options
     rank = f"{o.max_rank}" + (
@@ -332,8 +328,6 @@ def _header_lines(session: HotswapSession) -> list[str]:
     )
     lines = [f"hotswap: {describe_stack()} ({verified}) | {settings}{flags}"]
     if session.isolation_route is not None:
-        from pytest_hotswap.watch.isolation import describe_route
-
         lines.append(f"hotswap isolation: {describe_route(session.isolation_route)}")
     if o.adapters is not None:
         lines.append(f"hotswap catalog: {o.adapters}")
