@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: venv test conformance families docs stacks bench bench-smoke gpu-check lint format clean
+.PHONY: venv test conformance families docs stacks bench bench-smoke gpu-check gpu-bundle gpu-check-dry lint format clean
 
 venv: $(STAMP)
 
@@ -55,8 +55,41 @@ bench-smoke: venv
 # One prepared script for a machine with one CUDA GPU and no network: the bench in GPU mode
 # (bf16, inductor max-autotune-no-cudagraphs and reduce-overhead) and the conformance suite on
 # cuda, everything under bench-results/gpu, < 8 minutes; fails loudly (exit 2) without a GPU.
+#
+# A GPU machine without network (docs/gpu.md): `make gpu-bundle` here writes gpu-bundle/ (the
+# project's wheel and the wheels that machine lacks, never torch, <= 64 MiB, manifest.json); there
+# `make gpu-check PYTHON=python3 NO_VENV=1` uses that python and its torch, installs the bundle
+# with pip --no-index --target $(GPU_SITE), checks what it imports against the manifest, then runs
+# the check into $(GPU_OUT).
+GPU_BUNDLE ?= gpu-bundle
+GPU_OUT ?= bench-results/gpu
+GPU_SITE ?= .cache/gpu-site
+# The dry run's machine: a virtualenv holding torch 2.11.0 and the GPU image's other packages.
+GPU_DRY_VENV ?= .cache/gpu-dry-venv
+GPU_DRY_IMAGE := torch==2.11.0 transformers==5.17.0 huggingface_hub==1.33.0 safetensors==0.8.0 \
+	accelerate==1.15.0 pytest==9.2.0 pytest-xdist==3.8.0 pillow regex requests pyyaml psutil tqdm \
+	matplotlib
+
+ifdef NO_VENV
+gpu-check:
+	$(PYTHON) -m pytest_hotswap.bench.bundle check --bundle $(GPU_BUNDLE) --target $(GPU_SITE) \
+		--out $(GPU_OUT) $(if $(DRY),--dry)
+else
 gpu-check: venv
-	$(BIN)/python -m pytest_hotswap.bench --gpu-check --out bench-results/gpu
+	$(BIN)/python -m pytest_hotswap.bench --gpu-check --out $(GPU_OUT)
+endif
+
+gpu-bundle: venv
+	$(BIN)/python -m pytest_hotswap.bench.bundle build --out $(GPU_BUNDLE)
+
+# The bundle on torch 2.11.0 without a GPU, as the GPU image would take it: imports, manifest,
+# the no-GPU exit, the GPU conformance options collected, a few eager scenarios. Not in CI (torch
+# 2.11.0 is a CUDA build of several GB); bench-results/gpu-dry.
+gpu-check-dry: gpu-bundle
+	test -x $(GPU_DRY_VENV)/bin/python || $(PYTHON) -m venv $(GPU_DRY_VENV)
+	PIP_CONSTRAINT= $(GPU_DRY_VENV)/bin/python -m pip install --quiet $(GPU_DRY_IMAGE)
+	$(MAKE) gpu-check NO_VENV=1 PYTHON=$(GPU_DRY_VENV)/bin/python GPU_OUT=bench-results/gpu-dry \
+		GPU_SITE=.cache/gpu-dry-site DRY=1
 
 format: venv
 	$(BIN)/ruff format .

@@ -39,9 +39,9 @@ def test_a_defect_is_verified_only_inside_every_range(changes, verified):
 def test_too_old_names_the_package_the_version_found_and_the_one_needed():
     assert too_old(PINNED) == []
     assert too_old(
-        {**PINNED, "torch": "2.12.1+cu121", "diffusers": "0.39.0", "torchao": "0.15.0"}
+        {**PINNED, "torch": "2.10.0+cu128", "diffusers": "0.39.0", "torchao": "0.15.0"}
     ) == [
-        "torch 2.12.1+cu121 is installed; pytest-hotswap needs torch>=2.13.0 (pip install -U 'torch>=2.13.0')",
+        "torch 2.10.0+cu128 is installed; pytest-hotswap needs torch>=2.11.0 (pip install -U 'torch>=2.11.0')",
         "diffusers 0.39.0 is installed; pytest-hotswap needs diffusers>=0.40.0 (pip install -U 'diffusers>=0.40.0')",
         "torchao 0.15.0 is installed; pytest-hotswap needs torchao>=0.16.0 (pip install -U 'torchao>=0.16.0')",
     ]

@@ -116,6 +116,7 @@ class HotswapSession:
         self._cache: PipelineCache | None = None
         self._loras: LoraFactory | None = None
         self._undo_isolation: Any = None
+        self.isolation_route: str | None = None  # isolation.ISOLATE or RESET, set by collect()
 
     # -- options ----------------------------------------------------------------------------------
 
@@ -171,10 +172,12 @@ class HotswapSession:
                 self.uses_hotswap = True
         if self.uses_hotswap:
             from pytest_hotswap.stacks import too_old
+            from pytest_hotswap.watch.isolation import route
 
             problems = too_old()
             if problems:
                 raise pytest.UsageError("pytest-hotswap: " + "; ".join(problems))
+            self.isolation_route = route()  # imports torch
 
     def isolate(self) -> None:
         """Give every ``torch.compile`` call its own cache entries, once torch is in use.
@@ -192,19 +195,17 @@ class HotswapSession:
         if state is None:
             self.isolate()  # an unwatched test that compiles must not share entries either
             return
-        from pytest_hotswap.watch import CompileWatcher, profile
+        from pytest_hotswap.watch import CompileWatcher, isolation, profile
 
         self.isolate()
-        if state.fresh:
+        if state.fresh or self.isolation_route == isolation.RESET:
             self.reset_dynamo()
         profile.reset()  # dynamo's automatic-dynamic record starts empty, as in a fresh process
         state.watcher = CompileWatcher().__enter__()
 
     def reset_dynamo(self) -> None:
-        """``torch.compiler.reset()``: everything compiles again, as in a fresh process.
-
-        Cached pipelines warm up again (their compiles then count as this test's setup).
-        """
+        """``torch.compiler.reset()``, for ``fresh`` and on a torch without isolate_recompiles:
+        all compiles again as in a fresh process (cached pipelines warm up again, as setup)."""
         import torch
 
         torch.compiler.reset()

@@ -29,6 +29,7 @@ def header_lines(session: HotswapSession) -> list[str]:
 
 def _header_lines(session: HotswapSession) -> list[str]:
     from pytest_hotswap.stacks import describe_stack, verified_stack
+    from pytest_hotswap.watch.isolation import describe_route
 
     o = session.options
     rank = f"{o.max_rank}" + (
@@ -50,6 +51,8 @@ def _header_lines(session: HotswapSession) -> list[str]:
         "verified" if verified_stack(defects) else "not verified: known defects expected loosely"
     )
     lines = [f"hotswap: {describe_stack()} ({verified}) | {settings}{flags}"]
+    if session.isolation_route is not None:
+        lines.append(f"hotswap isolation: {describe_route(session.isolation_route)}")
     if o.adapters is not None:
         lines.append(f"hotswap catalog: {o.adapters}")
     return lines
