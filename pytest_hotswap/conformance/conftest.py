@@ -296,6 +296,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(ConformanceMatrix(config), "hotswap-conformance-matrix")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``pytest-xdist --dist loadgroup``, each column (pipeline x implementation) runs on
+    one worker, so its scenarios share the pipelines that worker built and compiled."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        column = callspec.params.get("hotswap_pipeline") if callspec is not None else None
+        if column is not None:
+            item.add_marker(pytest.mark.xdist_group("-".join(map(str, column))))
+
+
 def matrix_rows(cells: dict[tuple[str, str], str]) -> tuple[list[str], list[list[str]]]:
     columns = sorted({column for _, column in cells}, key=_column_order)
     labels = list(SCENARIOS.values())
