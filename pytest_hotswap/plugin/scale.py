@@ -17,7 +17,6 @@ import pytest
 
 from pytest_hotswap import options as opts
 from pytest_hotswap import scale
-from pytest_hotswap.plugin.session import SESSION_KEY, read_options
 
 WORKERINPUT_KEY = "pytest_hotswap_devices"
 WORKEROUTPUT_KEY = "pytest_hotswap_cache_counters"
@@ -28,7 +27,8 @@ class Scale:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.options = read_options(config)
+        self.options = _read_options(config)
+        self._label: str | None = None
         self.worker_id: str | None = getattr(config, "workerinput", {}).get("workerid")
         self.plan: tuple[scale.Device, ...] = ()
         self.device: scale.Device | None = None  # the GPU this process is pinned to
@@ -152,12 +152,16 @@ SCALE_KEY = pytest.StashKey[Scale]()
 def device_label(config: pytest.Config) -> str:
     """The device this process's tests ran on, as records and JUnit properties give it."""
     state = config.stash.get(SCALE_KEY, None)
-    options = state.options if state is not None else read_options(config)
-    if options.device == "cpu":
-        return scale.CPU
-    if options.device == opts.AUTO and config.stash[SESSION_KEY].resolved_options.device == "cpu":
-        return scale.CPU
-    return state.device.label if state is not None and state.device else "cuda:0"
+    if state is None:
+        return ""
+    if state._label is None:
+        # --hotswap-device decides cpu or cuda (auto: whether torch sees CUDA, resolved once).
+        device = state.options.device
+        if device == opts.AUTO:
+            device = opts.resolve_device(device)
+        on_gpu = device != scale.CPU
+        state._label = (state.device.label if state.device else "cuda:0") if on_gpu else scale.CPU
+    return state._label
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -187,6 +191,23 @@ def pytest_configure_node(node: object) -> None:
     """xdist controller: every worker gets the plan; it picks its device by its number."""
     state = node.config.stash[SCALE_KEY]  # type: ignore[attr-defined]
     node.workerinput[WORKERINPUT_KEY] = [[d.label, d.entry] for d in state.plan]  # type: ignore[attr-defined]
+
+
+def _read_options(config: pytest.Config) -> opts.HotswapOptions:
+    """The options this module needs, read as the session reads every option (command line beats
+    ini); the session reports a bad value of any other option itself."""
+    values: dict[str, object] = {}
+    for option in (opts.DEVICE, opts.DEVICE_LIST, opts.COMPILE_CACHE):
+        raw, source = config.getoption(option.ini), option.cli
+        if raw is None:
+            raw, source = config.getini(option.ini), f"ini option {option.ini}"
+        if raw is None or raw == "":
+            continue
+        try:
+            values[option.field] = option.parse(raw)
+        except ValueError as error:
+            raise pytest.UsageError(f"{source}={raw}: {error}") from None
+    return opts.HotswapOptions(**values)  # type: ignore[arg-type]
 
 
 def _xdist_controller(config: pytest.Config) -> bool:
