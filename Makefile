@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: venv test conformance families docs stacks bench bench-smoke gpu-check gpu-bundle gpu-check-dry lint format clean
+.PHONY: venv test conformance families docs stacks bench bench-smoke gpu-check gpu-bundle gpu-check-dry lint ci-lint format clean
 
 venv: $(STAMP)
 
@@ -20,7 +20,13 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: venv lint
+# The GitHub workflows (ours and the downstream example's) against GitHub's schema, and zizmor's
+# offline audits (pinned actions, no persisted credentials, ...): no network, no token.
+ci-lint: venv
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml examples/downstream/ci/*.yml
+	$(BIN)/zizmor --offline .github/workflows examples/downstream/ci/*.yml
+
+test: venv lint ci-lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 conformance: venv

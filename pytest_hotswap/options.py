@@ -81,6 +81,53 @@ def parse_fail_on(value: object) -> str:
     return str(value)
 
 
+def parse_devices(value: object) -> str | int | tuple[int, ...]:
+    """``auto``, a number of GPUs ``N`` >= 1, or CUDA devices like ``cuda:0,cuda:2`` (indices
+    into the GPUs this process may see, in the order given, repeats dropped)."""
+    text = str(value).strip()
+    if text == AUTO:
+        return AUTO
+    if text.isdigit():
+        count = int(text)
+        if count < 1:
+            raise ValueError(f"expected auto, a number of GPUs >= 1 or cuda:I,cuda:J; got {text!r}")
+        return count
+    indices: list[int] = []
+    for part in (piece.strip() for piece in text.split(",")):
+        kind, _, index = part.partition(":")
+        if kind != "cuda" or not index.isdigit():
+            raise ValueError(
+                f"expected auto, a number of GPUs >= 1 or a comma list of CUDA devices like "
+                f"cuda:0,cuda:2; got {part!r}"
+            )
+        indices.append(int(index))
+    return tuple(dict.fromkeys(indices))
+
+
+def parse_compile_cache(value: object) -> str:
+    """A directory, or ``redis://HOST[:PORT]`` (torch's Redis remote caches), kept as written
+    (a Redis address normalised to ``redis://HOST:PORT``)."""
+    text = str(value).strip()
+    if not text:
+        raise ValueError("expected a directory or redis://HOST:PORT, got an empty value")
+    if "://" not in text:
+        return text
+    from urllib.parse import urlsplit
+
+    url = urlsplit(text)
+    try:
+        port = url.port or 6379
+    except ValueError:
+        port = 0
+    if url.scheme != "redis" or not url.hostname or not 0 < port < 65536:
+        raise ValueError(f"expected a directory or redis://HOST:PORT; got {text!r}")
+    if url.path.strip("/") or url.query or url.username or url.password:
+        raise ValueError(
+            f"{text!r}: give only redis://HOST:PORT (torch's remote caches read a host and a port)"
+        )
+    return f"redis://{url.hostname}:{port}"
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:
     return lambda value: parse_choice(value, choices)
 
@@ -196,6 +243,23 @@ FAIL_ON = Option(
     "Thresholds against the baseline, e.g. recompiles:0,compile_s:+50%",
 )
 
+DEVICE_LIST = Option(
+    "devices",
+    AUTO,
+    parse_devices,
+    "GPUs for the run: auto (every visible GPU; the CPU on a host without one), N (the first N) "
+    "or cuda:0,cuda:2. Under pytest-xdist worker K uses device K mod N, pinned with "
+    "CUDA_VISIBLE_DEVICES before CUDA starts; without xdist the first one",
+)
+COMPILE_CACHE = Option(
+    "compile-cache",
+    None,
+    parse_compile_cache,
+    "Where torch's compile caches live, shared by xdist workers and runs: a directory "
+    "(TORCHINDUCTOR_CACHE_DIR) or redis://HOST:PORT (torch's Redis remote caches; needs the "
+    "cache extra). The summary and the report give the cache hits and misses",
+)
+
 OPTIONS: tuple[Option, ...] = (
     MAX_RANK,
     BACKEND,
@@ -212,6 +276,8 @@ OPTIONS: tuple[Option, ...] = (
     REPORT,
     BASELINE,
     FAIL_ON,
+    DEVICE_LIST,
+    COMPILE_CACHE,
 )
 BY_FIELD = {option.field: option for option in OPTIONS}
 
@@ -236,6 +302,8 @@ class HotswapOptions:
     report: Path | None = REPORT.default
     baseline: Path | None = BASELINE.default
     fail_on: str | None = FAIL_ON.default
+    devices: str | int | tuple[int, ...] = DEVICE_LIST.default
+    compile_cache: str | None = COMPILE_CACHE.default
 
     @property
     def is_resolved(self) -> bool:

@@ -81,6 +81,8 @@ class TestRecord:
     events: list[CompileEvent] = dataclasses.field(default_factory=list)
     # What the fixtures put in ``CompileWatcher.context``: pipeline, implementation, backend, device.
     context: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The device the test ran on (``cpu``, ``cuda:1``: --hotswap-devices); "" in older reports.
+    device: str = ""
 
     @classmethod
     def from_watcher(cls, nodeid: str, outcome: str, watcher: Any) -> TestRecord:
@@ -138,6 +140,9 @@ class TestRecord:
         context = data.get("context", {})
         if not isinstance(context, Mapping):
             raise ReportError(f"{where}: 'context' must be an object, got {_show(context)}")
+        device = data.get("device", "")
+        if not isinstance(device, str):
+            raise ReportError(f"{where}: 'device' must be a string, got {_show(device)}")
         try:
             parsed_events = [CompileEvent.from_dict(_mapping(event)) for event in events]
         except ValueError as error:
@@ -150,6 +155,7 @@ class TestRecord:
             swaps=[_swap(where, swap) for swap in swaps],
             events=parsed_events,
             context=dict(context),
+            device=device,
             **counts,
         )
 

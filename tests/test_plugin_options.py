@@ -162,7 +162,7 @@ def test_every_field_from_the_command_line(pytester: pytest.Pytester) -> None:
             "device='cpu', dtype='bfloat16', quantize='int8-weight-only', "
             "pipelines=('flux', 'mine'), implementations=('reference',), adapters=None, "
             "strict=True, fresh=False, count_all=False, report=PosixPath('out.json'), "
-            "baseline=None, fail_on=None)"
+            "baseline=None, fail_on=None, devices='auto', compile_cache=None)"
         ]
     )
 

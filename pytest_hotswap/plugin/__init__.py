@@ -32,6 +32,9 @@ from pytest_hotswap.plugin.start import check_implementations, header_lines
 if TYPE_CHECKING:
     from pytest_hotswap.watch import CompileWatcher
 
+#: Registered with this module: ``--hotswap-devices`` and ``--hotswap-compile-cache`` act first.
+pytest_plugins = ("pytest_hotswap.plugin.scale",)
+
 __all__ = [
     "SESSION_KEY",
     "compile_watcher",

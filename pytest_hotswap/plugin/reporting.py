@@ -78,10 +78,14 @@ class HotswapReporter:
         The JUnit XML properties go on ``item.user_properties`` here, before the teardown report
         is made, so they travel with it (also from xdist workers).
         """
+        from pytest_hotswap.plugin.scale import device_label
+
+        record.device = record.device or device_label(self.config)
         self.records.append(record)
         if item is not None:
             item.user_properties.extend((name, getattr(record, name)) for name in JUNIT_PROPERTIES)
             item.user_properties.append(("compile_s", round(record.compile_s, 3)))
+            item.user_properties.append(("device", record.device))
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -106,7 +110,9 @@ class HotswapReporter:
             return
         if self.report.tests or self.comparison is not None:
             terminalreporter.write_sep("=", "hotswap summary")
-            for line in self.report.summary_lines():
+            from pytest_hotswap.scale import per_device_lines
+
+            for line in [*self.report.summary_lines(), *per_device_lines(self.report.tests)]:
                 terminalreporter.write_line(line)
         if self.comparison is not None:
             failed = self.comparison.failed
