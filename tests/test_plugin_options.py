@@ -162,7 +162,7 @@ def test_every_field_from_the_command_line(pytester: pytest.Pytester) -> None:
             "device='cpu', dtype='bfloat16', quantize='int8-weight-only', "
             "pipelines=('flux', 'mine'), implementations=('reference',), adapters=None, "
             "strict=True, fresh=False, count_all=False, report=PosixPath('out.json'), "
-            "baseline=None, fail_on=None)"
+            "baseline=None, fail_on=None, compile_scope='whole')"
         ]
     )
 
@@ -242,7 +242,8 @@ def test_header_line(pytester: pytest.Pytester) -> None:
         [
             # auto device and dtype stay unresolved: resolving them would import torch
             "hotswap: torch 2.13*, diffusers *, peft *, transformers * | max_rank=64 "
-            "backend=eager mode=default device=auto dtype=auto quantize=none pipelines=sd,flux "
+            "backend=eager mode=default device=auto dtype=auto quantize=none compile=whole "
+            "pipelines=sd,flux "
             "implementations=diffusers,reference"
         ]
     )
