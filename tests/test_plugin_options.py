@@ -51,7 +51,8 @@ def test_markers_are_listed_with_their_signature(pytester: pytest.Pytester) -> N
         [
             "@pytest.mark.no_recompile(max_recompiles=0, fresh=False, count_all=False): fail the "
             "test when dynamo recompiles*",
-            "@pytest.mark.hotswap(pipeline=None, max_rank=None, backend=None, quantize=None): *",
+            "@pytest.mark.hotswap(pipeline=None, max_rank=None, backend=None, quantize=None, "
+            "compile_scope=None): *",
         ]
     )
 

@@ -83,8 +83,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "hotswap(pipeline=None, max_rank=None, backend=None, quantize=None, compile_scope=None): "
-        "per-test overrides "
-        "for the hotswap fixtures",
+        "per-test overrides for the hotswap fixtures",
     )
     session = HotswapSession(config)
     config.stash[SESSION_KEY] = session
