@@ -19,6 +19,8 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("none", "int8-weight-only", "float8-weight-only", "float8-dynamic")
+#: How the denoisers are compiled: the whole module, or diffusers' ``compile_repeated_blocks``.
+COMPILE_SCOPES = ("whole", "regional")
 AUTO = "auto"
 
 
@@ -142,6 +144,7 @@ class Option:
     help: str
     flag: bool = False
     path: bool = False  # an ini value is relative to the ini file, like pytest's own paths
+    attribute: str | None = None  # the HotswapOptions field, when not the name's
 
     @property
     def cli(self) -> str:
@@ -149,11 +152,11 @@ class Option:
 
     @property
     def field(self) -> str:
-        return self.name.replace("-", "_")
+        return self.attribute or self.name.replace("-", "_")
 
     @property
     def ini(self) -> str:
-        return f"hotswap_{self.field}"
+        return f"hotswap_{self.name.replace('-', '_')}"
 
     def help_text(self) -> str:
         """The help with its default, as ``--help`` and ``pytest-hotswap --help`` show it."""
@@ -242,6 +245,15 @@ FAIL_ON = Option(
     parse_fail_on,
     "Thresholds against the baseline, e.g. recompiles:0,compile_s:+50%",
 )
+COMPILE = Option(
+    "compile",
+    "whole",
+    _choice(COMPILE_SCOPES),
+    "How each denoiser is compiled: whole (the module) or regional (diffusers' "
+    "compile_repeated_blocks: the block classes of the model's _repeated_blocks, one compiled "
+    "code per class shared by every block of a denoiser)",
+    attribute="compile_scope",
+)
 
 DEVICE_LIST = Option(
     "devices",
@@ -278,6 +290,7 @@ OPTIONS: tuple[Option, ...] = (
     FAIL_ON,
     DEVICE_LIST,
     COMPILE_CACHE,
+    COMPILE,
 )
 BY_FIELD = {option.field: option for option in OPTIONS}
 
@@ -304,6 +317,7 @@ class HotswapOptions:
     fail_on: str | None = FAIL_ON.default
     devices: str | int | tuple[int, ...] = DEVICE_LIST.default
     compile_cache: str | None = COMPILE_CACHE.default
+    compile_scope: str = COMPILE.default
 
     @property
     def is_resolved(self) -> bool:
@@ -344,7 +358,8 @@ class HotswapOptions:
         """The settings as the header and the conformance matrix print them."""
         return (
             f"max_rank={self.max_rank} backend={self.backend} mode={self.mode} "
-            f"device={self.device} dtype={self.dtype} quantize={self.quantize}"
+            f"device={self.device} dtype={self.dtype} quantize={self.quantize} "
+            f"compile={self.compile_scope}"
         )
 
 

@@ -127,7 +127,8 @@ def test_matrix_is_printed(conformance_run):
         [
             "*hotswap conformance matrix*",
             "stack: torch 2.13*, diffusers 0.42.1, peft 0.21.2, transformers 5.23.0* (verified: *)",
-            f"max_rank=32 backend=eager mode=default device={device} dtype={dtype} quantize=none",
+            f"max_rank=32 backend=eager mode=default device={device} dtype={dtype} quantize=none "
+            "compile=whole",
             "scenario*flux-diffusers*flux-reference",
             "same rank*pass*pass",
             "rank > max rank (rejected)*upstream defect*pass",

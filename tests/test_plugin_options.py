@@ -51,7 +51,8 @@ def test_markers_are_listed_with_their_signature(pytester: pytest.Pytester) -> N
         [
             "@pytest.mark.no_recompile(max_recompiles=0, fresh=False, count_all=False): fail the "
             "test when dynamo recompiles*",
-            "@pytest.mark.hotswap(pipeline=None, max_rank=None, backend=None, quantize=None): *",
+            "@pytest.mark.hotswap(pipeline=None, max_rank=None, backend=None, quantize=None, "
+            "compile_scope=None): *",
         ]
     )
 
@@ -162,7 +163,8 @@ def test_every_field_from_the_command_line(pytester: pytest.Pytester) -> None:
             "device='cpu', dtype='bfloat16', quantize='int8-weight-only', "
             "pipelines=('flux', 'mine'), implementations=('reference',), adapters=None, "
             "strict=True, fresh=False, count_all=False, report=PosixPath('out.json'), "
-            "baseline=None, fail_on=None, devices='auto', compile_cache=None)"
+            "baseline=None, fail_on=None, devices='auto', compile_cache=None, "
+            "compile_scope='whole')"
         ]
     )
 
@@ -242,7 +244,8 @@ def test_header_line(pytester: pytest.Pytester) -> None:
         [
             # auto device and dtype stay unresolved: resolving them would import torch
             "hotswap: torch 2.13*, diffusers *, peft *, transformers * | max_rank=64 "
-            "backend=eager mode=default device=auto dtype=auto quantize=none pipelines=sd,flux "
+            "backend=eager mode=default device=auto dtype=auto quantize=none compile=whole "
+            "pipelines=sd,flux "
             "implementations=diffusers,reference"
         ]
     )

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from pytest_hotswap.pipelines.registry import PipelineSpec
 
 #: Options that change what gets built: part of the session cache's key.
-BUILD_OPTIONS = ("max_rank", "backend", "mode", "device", "dtype", "quantize")
+BUILD_OPTIONS = ("max_rank", "backend", "mode", "device", "dtype", "quantize", "compile_scope")
 FIRST_ADAPTER_RANK = 8
 
 

@@ -201,11 +201,24 @@ class HotswapPipeline:
     def compiled_entries(self) -> dict[Any, tuple[str, ...]]:
         """Dynamo's cache entries of this pipeline's compiled modules, per frame and region."""
         entries: dict[Any, tuple[str, ...]] = {}
+        for part in self.compiled_parts():
+            entries.update(entries_of_region(region_of(part)))  # type: ignore[arg-type]
+        return entries
+
+    def compiled_parts(self) -> list[torch.nn.Module]:
+        """The modules that hold compiled code, one per ``isolate_recompiles`` region: each
+        compiled module itself, or under regional compilation its compiled blocks."""
+        parts: dict[int, torch.nn.Module] = {}
         for module in self.compiled_modules:
             region = region_of(module)
             if region is not None:
-                entries.update(entries_of_region(region))
-        return entries
+                parts.setdefault(region, module)
+                continue
+            for block in unwrap_compiled(module).modules():
+                region = region_of(block)
+                if region is not None:
+                    parts.setdefault(region, block)
+        return list(parts.values())
 
     def entries_as_built(self) -> bool:
         """Whether the compiled code holds exactly what warming up compiled: no entry an earlier
@@ -215,8 +228,8 @@ class HotswapPipeline:
 
     def adopt_into(self, watcher: CompileWatcher) -> None:
         """Tell a test's watcher that this pipeline's compiled entries belong to its setup."""
-        for module in self.compiled_modules:
-            watcher.adopt(module)
+        for part in self.compiled_parts():
+            watcher.adopt(part)
 
     def lora_layout(self) -> dict[str, TensorLayout]:
         """Every LoRA tensor of the compiled modules: object, shape, dtype, device, storage."""

@@ -6,7 +6,8 @@
     implementation.load_first(spec, first_lora)       # plain load, adapter "default"
     implementation.after_load(spec, preparation)      # reference / PEFT: pad after the load
     quantize_denoiser(denoiser, quantize)             # each of spec.denoisers: torchao weights
-    compile_denoiser(denoiser, backend, mode)         # each, in place, isolate_recompiles=True
+    compile_denoiser(denoiser, backend, mode, scope)  # each, in place, isolate_recompiles=True;
+                                                       # regional: compile_repeated_blocks
     warm_up(pipeline)                                  # the exact call used later
 """
 
@@ -17,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pytest_hotswap.adapters.loading import LoraSource
-from pytest_hotswap.implementations import Implementation, Preparation
-from pytest_hotswap.options import QUANTIZE
+from pytest_hotswap.implementations import Implementation, Preparation, UnsupportedFeatureError
+from pytest_hotswap.options import COMPILE, QUANTIZE
 from pytest_hotswap.pipelines.registry import PipelineSpec
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ def build_hotswap_pipeline(
     preparation = Preparation(options.max_rank, targets, text_encoder, slots)
     implementation.check(preparation)
     check_quantization(options.quantize, options.device)  # before the spec is changed
+    check_compile_scope(spec, options.compile_scope)
     implementation.check_spec(spec)
     implementation.before_load(spec, preparation)
     implementation.load_first(spec, first_lora)
@@ -54,8 +56,14 @@ def build_hotswap_pipeline(
         implementation.load_slots(spec, first_lora, preparation)
     for denoiser in spec.denoisers:  # Wan 2.2: both experts
         quantize_denoiser(denoiser, options.quantize)
-        compile_denoiser(denoiser, options.backend, options.mode, fullgraph=spec.fullgraph)
-    if text_encoder:
+        compile_denoiser(
+            denoiser,
+            options.backend,
+            options.mode,
+            fullgraph=spec.fullgraph,
+            scope=options.compile_scope,
+        )
+    if text_encoder:  # whole under either scope: CLIP and T5 declare no _repeated_blocks
         for encoder in spec.text_encoders().values():
             compile_denoiser(encoder, options.backend, options.mode, fullgraph=False)
     pipeline = HotswapPipeline(spec, implementation, options, first_lora, preparation)
@@ -118,8 +126,36 @@ def _is_base_linear(module: torch.nn.Module, fqn: str) -> bool:
     return isinstance(module, torch.nn.Linear) and ".lora_" not in f".{fqn}"
 
 
+def check_compile_scope(spec: PipelineSpec, scope: str) -> None:
+    """Refuse ``regional`` for a denoiser that has no repeated blocks, before anything is built.
+
+    A silent fall back to whole compilation would label the matrix ``compile=regional`` for a
+    model compiled whole; "not supported" tells the user what was not tested and why.
+    """
+    if scope != "regional":
+        return
+    for name, denoiser in zip(spec.denoiser_names(), spec.denoisers, strict=True):
+        blocks = tuple(getattr(denoiser, "_repeated_blocks", None) or ())
+        what = f"{type(denoiser).__name__} ({name})"
+        if not blocks or not hasattr(denoiser, "compile_repeated_blocks"):
+            raise UnsupportedFeatureError(
+                f"{what} declares no _repeated_blocks, so it cannot be compiled regionally "
+                f"({COMPILE.cli}=regional); use {COMPILE.cli}=whole"
+            )
+        if not any(type(module).__name__ in blocks for module in denoiser.modules()):
+            raise UnsupportedFeatureError(
+                f"{what} declares _repeated_blocks {list(blocks)} but holds no such module; use "
+                f"{COMPILE.cli}=whole"
+            )
+
+
 def compile_denoiser(
-    denoiser: torch.nn.Module, backend: str, mode: str = "default", *, fullgraph: bool = True
+    denoiser: torch.nn.Module,
+    backend: str,
+    mode: str = "default",
+    *,
+    fullgraph: bool = True,
+    scope: str = "whole",
 ) -> None:
     """Compile in place, so the pipeline's reference to its denoiser calls the compiled code.
 
@@ -128,13 +164,60 @@ def compile_denoiser(
     is never reused, so a swap recompiles here exactly when it would in a fresh process.
     ``mode`` only means something to inductor; ``fullgraph`` also turns a recompile past the
     limit into an error instead of a silent fall back to eager.
+
+    ``scope="regional"`` compiles with diffusers' ``compile_repeated_blocks`` (each module whose
+    class is in ``_repeated_blocks``) instead, then lets the blocks of one class share one
+    isolated region (:func:`share_region_per_class`), as they share one in production.
     """
     from pytest_hotswap.watch.isolation import supported
 
     kwargs: dict[str, Any] = {"isolate_recompiles": True} if supported() else {}
-    denoiser.compile(
-        backend=backend,
-        mode=mode if backend == "inductor" else None,
-        fullgraph=fullgraph,
-        **kwargs,
+    kwargs.update(
+        backend=backend, mode=mode if backend == "inductor" else None, fullgraph=fullgraph
     )
+    if scope == "regional":
+        denoiser.compile_repeated_blocks(**kwargs)
+        if kwargs.get("isolate_recompiles"):
+            share_region_per_class(denoiser)
+        return
+    denoiser.compile(**kwargs)
+
+
+def share_region_per_class(model: torch.nn.Module) -> bool:
+    """Give every compiled block of one class in ``model`` the region of the first such block.
+
+    ``compile_repeated_blocks`` calls ``block.compile()`` once per block: with
+    ``isolate_recompiles=True`` each call is its own region, so each of N blocks compiles the
+    shared block code again (N first compiles, N entries on the code object towards dynamo's
+    ``accumulated_recompile_limit`` of 256, counted over all regions and never freed), where
+    production (no isolation) compiles it once and every block reuses that entry. Re-applying
+    the first block's dynamo context to the other blocks keeps production's sharing inside the
+    model (a block whose layout changed is one recompile of that shared region) and the
+    isolation from every other model. Returns ``False`` where the context cannot be found (a
+    torch whose compiled wrapper looks otherwise): each block then keeps its own region, with
+    the same verdicts and one compile per block.
+    """
+    first: dict[type, Any] = {}
+    for module in model.modules():
+        compiled = getattr(module, "_compiled_call_impl", None)
+        if compiled is None:
+            continue
+        context = _dynamo_context(compiled)
+        if context is None:
+            return False
+        shared = first.setdefault(type(module), context)
+        if shared is not context:
+            module._compiled_call_impl = shared(module._call_impl)
+    return True
+
+
+def _dynamo_context(compiled: Any) -> Any:
+    """The dynamo context (``torch._dynamo.optimize(...)``) a ``torch.compile`` wrapper runs in."""
+    code = getattr(compiled, "__code__", None)
+    closure = getattr(compiled, "__closure__", None) or ()
+    if code is None or "self" not in code.co_freevars:
+        return None
+    context = closure[code.co_freevars.index("self")].cell_contents
+    if not callable(context) or getattr(context, "_isolate_recompiles_id", -1) < 0:
+        return None
+    return context

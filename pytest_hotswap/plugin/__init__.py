@@ -85,8 +85,8 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
-        "hotswap(pipeline=None, max_rank=None, backend=None, quantize=None): per-test overrides "
-        "for the hotswap fixtures",
+        "hotswap(pipeline=None, max_rank=None, backend=None, quantize=None, compile_scope=None): "
+        "per-test overrides for the hotswap fixtures",
     )
     session = HotswapSession(config)
     config.stash[SESSION_KEY] = session

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 MARKER = "hotswap"
 #: Keyword arguments of the ``hotswap`` marker; all but ``pipeline`` are option overrides.
-MARKER_KWARGS = ("pipeline", "max_rank", "backend", "quantize")
+MARKER_KWARGS = ("pipeline", "max_rank", "backend", "quantize", "compile_scope")
 
 
 def session_of(config: pytest.Config) -> HotswapSession:

@@ -37,7 +37,7 @@ def _header_lines(session: HotswapSession) -> list[str]:
     )
     settings = (
         f"max_rank={rank} backend={o.backend} mode={o.mode} device={o.device} dtype={o.dtype} "
-        f"quantize={o.quantize} pipelines={','.join(o.pipelines)} "
+        f"quantize={o.quantize} compile={o.compile_scope} pipelines={','.join(o.pipelines)} "
         f"implementations={','.join(o.implementations)}"
     )
     flags = "".join(f" {flag}" for flag in ("strict", "fresh", "count_all") if getattr(o, flag))

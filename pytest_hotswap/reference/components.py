@@ -15,8 +15,11 @@ def unwrap_compiled(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
-    """True for ``torch.compile(module)`` wrappers and for modules compiled in place (``.compile()``)."""
-    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+    """True for ``torch.compile(module)`` wrappers and for modules compiled in place
+    (``.compile()``), also when only some of their blocks are (``compile_repeated_blocks``)."""
+    if hasattr(module, "_orig_mod"):
+        return True
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
 
 
 def find_denoiser(model_or_pipeline: Any) -> tuple[str | None, torch.nn.Module]:

@@ -310,9 +310,17 @@ def relevant_first(reasons: Iterable[str]) -> tuple[str, ...]:
 
     The order is otherwise kept, so the first reason is the guard that failed for the model
     that was called: a LoRA shape or a scaling, rather than ``len(args) == 2`` of another model.
+    Among the rest, a guard on a LoRA tensor comes first: under regional compilation one block
+    code holds an entry per block position (the first block's input has other strides), and
+    the block whose LoRA changed fails the others' entries on an input stride first.
     """
     reasons = tuple(reasons)
-    return tuple(sorted(reasons, key=lambda reason: bool(_STRUCTURAL_GUARD.match(reason))))
+    return tuple(
+        sorted(
+            reasons,
+            key=lambda reason: (bool(_STRUCTURAL_GUARD.match(reason)), "lora_" not in reason),
+        )
+    )
 
 
 def short_filename(filename: str) -> str:
