@@ -18,10 +18,10 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pytest_hotswap.stacks import STACK_PACKAGES, installed_version
 from pytest_hotswap.watch.events import (
     KIND_CACHE_SWITCH,
     KIND_LAYOUT_CHANGE,
@@ -45,7 +45,6 @@ METRICS = (
 # Used when a baseline is given without thresholds: nothing may recompile more than it used to.
 DEFAULT_FAIL_ON = "recompiles:+0%,graph_breaks:+0%"
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
-_VERSIONED = ("torch", "diffusers", "peft", "transformers", "torchao", "pytest-hotswap")
 
 
 class ReportError(ValueError):
@@ -419,12 +418,11 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
 
 
 def installed_versions() -> dict[str, str]:
+    """Python's version and the stack's (:func:`pytest_hotswap.stacks.installed_version`), with
+    pytest-hotswap's own; ``"not installed"`` for a package that is not."""
     versions = {"python": sys.version.split()[0]}
-    for name in _VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
+    for name in (*STACK_PACKAGES, "pytest-hotswap"):
+        versions[name] = installed_version(name) or "not installed"
     return versions
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pytest_hotswap.stacks import KnownDefect, describe_stack, installed_stack
+from pytest_hotswap.stacks import KnownDefect, describe_stack, installed_stack, stack_verdict
 
 #: Scenario (test function ``test_<name>``) -> the label in the matrix, in matrix order.
 SCENARIOS = {
@@ -350,16 +350,8 @@ def write_matrix(tr: Any, cells: dict[tuple[str, str], str], config: pytest.Conf
 
 
 def _stack_verified(session: Any) -> str:
-    from pytest_hotswap.stacks import verified_stack
-
     defects = [d for name in session.options.implementations for d in _known(session, name)]
-    if not defects:
-        return "no known defects to verify"
-    if verified_stack(defects):
-        return "verified: the known defects were reproduced on these versions"
-    return (
-        "not verified: known defects are expected loosely, a vanished one reads 'fixed upstream?'"
-    )
+    return stack_verdict(defects)
 
 
 def _known(session: Any, name: str) -> tuple[KnownDefect, ...]:
