@@ -100,7 +100,7 @@ FABRICATED = """
 import pytest
 
 from pytest_hotswap import stacks
-from pytest_hotswap.conformance.conftest import NotRejectedError, expect_defect
+from pytest_hotswap.conformance.support import NotRejectedError, expect_defect
 from pytest_hotswap.stacks import KnownDefect
 
 pytest_plugins = ["pytest_hotswap.conformance.conftest"]
