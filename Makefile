@@ -7,14 +7,13 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: venv test conformance docs stacks bench bench-smoke gpu-check lint format clean
+.PHONY: venv test conformance families docs stacks bench bench-smoke gpu-check lint format clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,docs]'
+	$(PYTHON) tools/install.py $(BIN)/python -c constraints.txt -e '.[test,docs]'
 	touch $(STAMP)
 
 lint: venv
@@ -27,6 +26,13 @@ test: venv lint
 conformance: venv
 	$(BIN)/python -m pytest -q --pyargs pytest_hotswap.conformance \
 		--hotswap-backend=inductor --hotswap-max-rank=128 $(ARGS)
+
+# The conformance suite on every built-in pipeline family (eager backend), ending with the
+# family-by-scenario matrix; `make conformance` stays the main job.
+FAMILIES := sd,sdxl,sd3,flux,wan,qwenimage,chroma,zimage
+families: venv
+	$(BIN)/python -m pytest -q --pyargs pytest_hotswap.conformance \
+		--hotswap-pipelines=$(FAMILIES) --hotswap-backend=eager $(ARGS)
 
 # The pages under docs/ (mkdocs.yml), strict: a broken link, anchor or a page left out of the nav
 # fails the build. Output in site/ (ignored).

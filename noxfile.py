@@ -19,11 +19,13 @@ it does not read pip's configuration, so pip's find-links / extra-index-url are 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import nox
+
+sys.path.insert(0, str(Path(__file__).parent / "tools"))
+from install import uv_flags  # tools/ is not a package: put on sys.path above
 
 ROOT = Path(__file__).parent
 REPORTS = ROOT / "reports" / "stacks"
@@ -59,38 +61,6 @@ ENV = {
 }
 
 
-def _pip_config() -> dict[str, str]:
-    """pip's effective settings (global, user, site and PIP_* env), keys without their scope."""
-    try:
-        out = subprocess.run(
-            [sys.executable, "-m", "pip", "config", "list"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-    except OSError:
-        return {}
-    values: dict[str, str] = {}
-    for line in out.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            values[key.rsplit(".", 1)[-1]] = value.strip().strip("'\"")
-    return values
-
-
-def _uv_flags() -> list[str]:
-    """The pip index settings, spelled for `uv pip install`."""
-    config = _pip_config()
-    flags = ["--index-strategy", "unsafe-best-match"]
-    if "index-url" in config:
-        flags += ["--index-url", config["index-url"]]
-    for url in config.get("extra-index-url", "").split():
-        flags += ["--extra-index-url", url]
-    for path in config.get("find-links", "").split():
-        flags += ["--find-links", path]
-    return flags
-
-
 def _constraints(session: nox.Session, pinned: bool) -> Path:
     """torch==$TORCH, plus constraints.txt (its torch line replaced) for the pinned stack."""
     lines = [f"torch=={TORCH}"]
@@ -107,7 +77,7 @@ def _constraints(session: nox.Session, pinned: bool) -> Path:
 
 def _run_stack(session: nox.Session, name: str) -> None:
     requirements, pinned = STACKS[name]
-    flags = _uv_flags() if session.venv_backend == "uv" else []
+    flags = uv_flags() if session.venv_backend == "uv" else []
     upgrade = ["--upgrade"] if name == "newest" else []
     session.install(
         *flags,

@@ -26,6 +26,7 @@ from pytest_hotswap.adapters.loading import (
     ADAPTER_NAME,
     load_first_adapter,
     loadable,
+    other_denoiser_routes,
     quiet_diffusers,
     read_peft_adapter,
 )
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 FEATURE_TARGETS = "union of targets"
 FEATURE_TEXT_ENCODER = "text-encoder hotswap"
 FEATURE_SLOTS = "adapter slots"
+#: More than one denoiser carries the LoRA (Wan 2.2's ``transformer`` and ``transformer_2``).
+FEATURE_DENOISERS = "several denoisers"
 
 
 class UnsupportedFeatureError(ValueError):
@@ -107,6 +110,16 @@ class Implementation:
             raise UnsupportedFeatureError(
                 f"the {self.name!r} implementation does not support {', '.join(missing)}; "
                 f"use implementation 'reference' for it"
+            )
+
+    def check_spec(self, spec: PipelineSpec) -> None:
+        """Refuse, before anything is loaded, a pipeline this implementation cannot prepare:
+        one with several denoisers unless it supports them."""
+        if len(spec.denoisers) > 1 and FEATURE_DENOISERS not in self.features:
+            names = ", ".join(spec.denoiser_names())
+            raise UnsupportedFeatureError(
+                f"the {self.name!r} implementation hotswaps one denoiser; {spec.name} has "
+                f"{len(spec.denoisers)} ({names}): use implementation 'diffusers' for it"
             )
 
     def before_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
@@ -189,7 +202,7 @@ class DiffusersImplementation(Implementation):
 
     name = "diffusers"
     description = "diffusers + PEFT as installed (load_lora_weights(hotswap=True))"
-    features = frozenset({FEATURE_SLOTS})
+    features = frozenset({FEATURE_SLOTS, FEATURE_DENOISERS})
     known_defects = (
         KnownDefect(
             "rank_over_max",
@@ -268,9 +281,8 @@ class DiffusersImplementation(Implementation):
                 f"the {self.name!r} implementation has adapter slots only through a diffusers "
                 "pipeline's set_adapters; use implementation 'reference' for a bare model"
             )
-        with quiet_diffusers():
-            for slot in range(1, preparation.slots):
-                spec.pipe.load_lora_weights(loadable(lora), adapter_name=slot_adapter_name(slot))
+        for slot in range(1, preparation.slots):
+            load_first_adapter(spec, lora, slot_adapter_name(slot))
         weights = [1.0] + [0.0] * (preparation.slots - 1)
         self._set_adapters(spec.pipe, weights)
 
@@ -283,10 +295,12 @@ class DiffusersImplementation(Implementation):
         if not spec.has_lora_loader:
             PeftImplementation().swap(spec, lora, slot=slot)
             return
-        with quiet_diffusers():
-            spec.pipe.load_lora_weights(
-                loadable(lora), hotswap=True, adapter_name=slot_adapter_name(slot)
-            )
+        name = slot_adapter_name(slot)
+        with quiet_diffusers():  # every denoiser in one swap: Wan 2.2's experts both
+            for kwargs in [{}, *other_denoiser_routes(spec)]:
+                spec.pipe.load_lora_weights(
+                    loadable(lora), hotswap=True, adapter_name=name, **kwargs
+                )
 
     def strength(
         self, pipeline: HotswapPipeline, scale: float, *, slot: int | None = None

@@ -175,6 +175,14 @@ FRESH = Option(
     "Reset dynamo before every marked test (exact, slower: everything compiles again)",
     flag=True,
 )
+COUNT_ALL = Option(
+    "count-all",
+    False,
+    bool,
+    "Marked tests compile on past their allowance and count every recompile (default: fail at "
+    "the guard of the first recompile past it, before compiling)",
+    flag=True,
+)
 REPORT = Option("report", None, parse_path, "Write the JSON compile report to this path", path=True)
 BASELINE = Option(
     "baseline",
@@ -202,6 +210,7 @@ OPTIONS: tuple[Option, ...] = (
     ADAPTERS,
     STRICT,
     FRESH,
+    COUNT_ALL,
     REPORT,
     BASELINE,
     FAIL_ON,
@@ -225,6 +234,7 @@ class HotswapOptions:
     adapters: str | None = ADAPTERS.default
     strict: bool = STRICT.default
     fresh: bool = FRESH.default
+    count_all: bool = COUNT_ALL.default
     report: Path | None = REPORT.default
     baseline: Path | None = BASELINE.default
     fail_on: str | None = FAIL_ON.default

@@ -45,6 +45,7 @@ ROW_KEYS = {
     "plugin_overhead": {"case", "unit", "without_ms", "with_ms", "overhead_ms"},
     "installed_plugin": {"run", "wall_ms", "cpu_ms", "peak_mib", "torch_imported"},
     "slots": {"model", "slots", "swap_ms"},
+    "verdict_cost": {"model", "verdict", "failing_call_ms", "compiles", "samples"},
 }
 #: The two kinds of rows of the slots measurement: N slots, and the text-encoder opt-in.
 SLOT_KEYS = {"forward_ms", "forward_x_one_slot", "swap_x_one_slot"}
@@ -193,6 +194,21 @@ def test_smoke_measures_the_installed_plugin_and_slots(smoke) -> None:
         "pytest test, no_recompile",
         "pytest test, no_recompile(fresh=True)",
     ]
+
+
+def test_smoke_verdict_cost_fails_at_the_guard_without_compiling(smoke) -> None:
+    """Issue 22: the failing call refused at the guard compiles nothing; the same call compiling
+    on (count_all) compiles once per sample, its negative control."""
+    _, out = smoke
+    rows = _measurements(out)["verdict_cost"]["rows"]
+    assert [(row["model"], row["verdict"]) for row in rows] == [
+        (model, verdict)
+        for model in ("tiny-sd", "tiny-flux")
+        for verdict in ("fail at the guard", "compile on")
+    ]
+    for row in rows:
+        expected = 0 if row["verdict"] == "fail at the guard" else row["samples"]
+        assert row["compiles"] == expected, row
 
 
 def test_cuda_is_refused_cleanly_without_a_gpu(monkeypatch, capsys, tmp_path) -> None:

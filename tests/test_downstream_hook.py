@@ -113,14 +113,15 @@ def test_rebuild_after_reshape_or_storm_factory_cache_and_bad_hook_result(
     result.stdout.fnmatch_lines_random(
         [
             # The negative control: PEFT grows the tensors (a layout change), dynamo recompiles,
-            # the marker fails it for both.
+            # the marker fails it once, at the guard, for both.
             "*test_rank_above_the_marker_max_rank?tiny-diffusers? FAILED*",
-            "no_recompile: 2 recompiles (none allowed)",
+            "no_recompile: 1 recompile (none allowed)",
             "layout change (a LoRA tensor changed under the compiled code) after step "
             '"hotswap #1: *(rank 16)": tiny-diffusers',
             "   tensor: mid.lora_A.default.weight: shape (8, 32) -> (16, 32)",
-            "recompile after step *hotswap #*(rank 16)*",
+            "   then recompile * of *",
             "*guard: *mid.lora_A.default.weight*",
+            "   stopped at the guard: *",
             # The reference refuses the adapter instead, naming the ranks.
             "*test_rank_above_the_marker_max_rank?tiny-reference? FAILED*",
             "*RankTooLargeError: *rank 16 is above max_rank=8*",

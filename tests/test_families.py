@@ -225,3 +225,45 @@ def test_the_driver_accepts_optional_inputs_of_text_to_image_pipelines() -> None
 def test_an_unknown_family_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="'nope': no such pipeline family; the built-in"):
         build_family("nope")
+
+
+# --- the families as registered pipeline names -----------------------------------------------
+
+#: family: the call keyword its pipeline reads a LoRA scale from, number of denoisers
+REGISTERED: dict[str, tuple[str, int]] = {
+    "sd": ("cross_attention_kwargs", 1),
+    "flux": ("joint_attention_kwargs", 1),
+    "sdxl": ("cross_attention_kwargs", 1),
+    "sd3": ("joint_attention_kwargs", 1),
+    "wan": ("attention_kwargs", 2),
+    "qwenimage": ("attention_kwargs", 1),
+    "chroma": ("joint_attention_kwargs", 1),
+    "zimage": ("joint_attention_kwargs", 1),
+}
+
+
+@pytest.mark.parametrize("family", list(REGISTERED))
+def test_every_family_is_a_registered_pipeline(family: str) -> None:
+    from pytest_hotswap.options import HotswapOptions
+    from pytest_hotswap.pipelines.registry import REGISTRY
+
+    keyword, count = REGISTERED[family]
+    options = HotswapOptions(device="cpu", dtype="float32")
+    spec = REGISTRY[family].build(options, 0)
+    assert spec.strength_keyword == keyword
+    assert len(spec.denoisers) == count and spec.denoisers[0] is spec.denoiser
+    first = spec.run()
+    assert torch.equal(first, spec.run())  # seeded
+    if family not in ("sd", "flux"):  # tiny.py's sd/flux: prompt embeddings of a fixed seed
+        assert tuple(first.shape) == EXPECTED[family][3]
+        assert not torch.equal(first, REGISTRY[family].build(options, 1).run())
+
+
+def test_sd_and_flux_stay_the_tiny_pipelines() -> None:
+    """Negative control of the table's sd/flux: the registry keeps pipelines/tiny.py's builders
+    (prompts as embeddings), which the rest of the suite was verified on."""
+    from pytest_hotswap.pipelines.registry import REGISTRY, flux_spec, sd_spec
+
+    assert REGISTRY["sd"].build is sd_spec
+    assert REGISTRY["flux"].build is flux_spec
+    assert REGISTRY["sdxl"].build is not sd_spec

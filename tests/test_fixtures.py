@@ -138,7 +138,7 @@ def test_marker_overrides_max_rank(hotswap_pipeline, hotswap_options):
     assert hotswap_pipeline.max_rank == 16
 
 
-@pytest.mark.hotswap(pipeline="sdxl")
+@pytest.mark.hotswap(pipeline="kandinsky")
 def test_unknown_pipeline(hotswap_pipeline):
     pass
 
@@ -196,7 +196,8 @@ def test_recompile_is_caught_and_bad_configurations_are_clear(pytester: pytest.P
             "*after step*hotswap #1: *(rank 64)*",
             "*lora_A*",
             # Clear errors for what cannot be built.
-            "*--hotswap-pipelines: 'sdxl': no registered pipeline of that name (sd, flux)*",
+            "*--hotswap-pipelines: 'kandinsky': no registered pipeline of that name (sd, sdxl, sd3, "
+            "flux, wan, qwenimage, chroma, zimage)*",
             "*float8-dynamic*compute capability >= 8.9*",
             "*@pytest.mark.hotswap got unknown argument(s) pipelines; accepted: pipeline, max_rank*",
             "*UsageError: *test_factory_refuses_a_bad_dtype: dtype='bf16': expected one of auto, "

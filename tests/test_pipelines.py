@@ -257,12 +257,15 @@ def test_denoise_after_a_rank_growing_swap_is_a_recompile(tmp_path) -> None:
     with CompileWatcher() as watcher:
         pipeline.swap(make_lora(pipeline.denoiser, tmp_path, rank=2 * MAX_RANK, seed=1))
         pipeline.denoise()
-    # The swap replaced the padded tensors (a layout change), and the next call recompiled.
-    assert [event.kind for event in watcher.events] == ["layout_change", "recompile"]
-    layout, recompile = watcher.events
-    assert "(rank 64)" in layout.step and "(rank 64)" in recompile.step
+    # The swap replaced the padded tensors (a layout change), and the next call recompiled: one
+    # incident, one event carrying both the tensor and the guard.
+    assert [event.kind for event in watcher.events] == ["layout_change"]
+    (layout,) = watcher.events
+    assert "(rank 64)" in layout.step
     assert layout.reasons[0] == "proj_in.lora_A.default.weight: shape (32, 8) -> (64, 8)"
-    assert any("lora" in reason for reason in recompile.reasons)
+    assert layout.caused is not None and layout.caused.startswith("recompile ")
+    assert any("lora" in guard for guard in layout.guards)
+    assert watcher.recompiles == 1 and not layout.stopped_at_guard
 
 
 def test_plain_module_rank_above_max_recompiles_with_peft(tmp_path) -> None:

@@ -36,6 +36,7 @@ def test_help_lists_every_option_and_ini_key(pytester: pytest.Pytester) -> None:
             "*--hotswap-adapters=ADAPTERS*",
             "*--hotswap-strict*",
             "*--hotswap-fresh*",
+            "*--hotswap-count-all*",
             "*--hotswap-report=REPORT*",
             "*--hotswap-baseline=BASELINE*",
             "*--hotswap-fail-on=FAIL_ON*",
@@ -48,8 +49,8 @@ def test_markers_are_listed_with_their_signature(pytester: pytest.Pytester) -> N
     result = pytester.runpytest_inprocess("--markers")
     result.stdout.fnmatch_lines(
         [
-            "@pytest.mark.no_recompile(max_recompiles=0, fresh=False): fail the test when dynamo "
-            "recompiles*",
+            "@pytest.mark.no_recompile(max_recompiles=0, fresh=False, count_all=False): fail the "
+            "test when dynamo recompiles*",
             "@pytest.mark.hotswap(pipeline=None, max_rank=None, backend=None, quantize=None): *",
         ]
     )
@@ -160,7 +161,8 @@ def test_every_field_from_the_command_line(pytester: pytest.Pytester) -> None:
             "*OPTIONS HotswapOptions(max_rank=128, backend='inductor', mode='reduce-overhead', "
             "device='cpu', dtype='bfloat16', quantize='int8-weight-only', "
             "pipelines=('flux', 'mine'), implementations=('reference',), adapters=None, "
-            "strict=True, fresh=False, report=PosixPath('out.json'), baseline=None, fail_on=None)"
+            "strict=True, fresh=False, count_all=False, report=PosixPath('out.json'), "
+            "baseline=None, fail_on=None)"
         ]
     )
 
@@ -204,7 +206,7 @@ def test_ini_strict_flag(pytester: pytest.Pytester) -> None:
         (
             "no_recompile(maximum=1)",
             "test_marked.py::test_it: @pytest.mark.no_recompile got unexpected arguments "
-            "(maximum=); accepted: max_recompiles=N, fresh=True|False",
+            "(maximum=); accepted: max_recompiles=N, fresh=True|False, count_all=True|False",
         ),
         (
             "no_recompile(max_recompiles=-1)",

@@ -42,6 +42,8 @@ def pytest_hotswap_recompile(item: pytest.Item, event: CompileEvent) -> None:
         return
     what = event.kind.replace("_", " ")
     detail = shorten_reason(event.reasons[0]) if event.reasons else "no reason reported"
+    if event.guards:  # a layout change carries the recompile it caused
+        detail += f"; then {event.caused}: {shorten_reason(event.guards[0])}"
     message = f"{item.nodeid}: {what} {event.compile_id} after {event.step!r}: {detail}"
     if os.environ.get("GITHUB_ACTIONS") == "true":
         path, line = item.location[0], item.location[1] + 1

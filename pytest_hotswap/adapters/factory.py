@@ -184,7 +184,21 @@ def _denoiser(resolved: Any) -> torch.nn.Module:
     return unwrap_compiled(find_denoiser(resolved)[1])
 
 
+def _loads_text_encoder(resolved: Any) -> bool:
+    """Whether ``resolved`` is a pipeline whose LoRA loader loads into its ``text_encoder``
+    (Wan's, QwenImage's and Z-Image's load into their transformers only)."""
+    if isinstance(resolved, torch.nn.Module):
+        return False
+    declared = getattr(type(resolved), "_lora_loadable_modules", None)
+    return declared is None or "text_encoder" in declared
+
+
 def _text_encoder(resolved: Any) -> torch.nn.Module:
+    if not isinstance(resolved, torch.nn.Module) and not _loads_text_encoder(resolved):
+        raise ValueError(
+            f"text_encoder=True: {type(resolved).__name__}'s LoRA loader loads no text encoder "
+            f"(it loads {', '.join(type(resolved)._lora_loadable_modules)}); drop text_encoder=True"
+        )
     encoder = (
         None if isinstance(resolved, torch.nn.Module) else getattr(resolved, "text_encoder", None)
     )
@@ -472,7 +486,7 @@ def make_catalog(target: Any, folder: str | Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     resolved = _resolve(target, text_encoder=True)
     kohya = denoiser_prefix(resolved) == "unet"
-    has_text_encoder = not isinstance(resolved, torch.nn.Module)
+    has_text_encoder = _loads_text_encoder(resolved)
     paths = []
     for file in catalog_recipe(_denoiser(resolved), kohya=kohya):
         if file.kwargs.get("text_encoder") and not has_text_encoder:

@@ -33,23 +33,42 @@ LoraSource = Union[str, "os.PathLike[str]", Mapping[str, "torch.Tensor"]]
 """A LoRA adapter: a path to a ``.safetensors`` file or a state dict."""
 
 
-def load_first_adapter(spec: PipelineSpec, lora: LoraSource) -> None:
-    """A plain (non-hotswap) load of ``lora`` as adapter ``"default"``."""
+def load_first_adapter(
+    spec: PipelineSpec, lora: LoraSource, adapter_name: str = ADAPTER_NAME
+) -> None:
+    """A plain (non-hotswap) load of ``lora`` as adapter ``"default"`` (or ``adapter_name``).
+
+    Through a diffusers loader, the file also goes into every other denoiser the loader reaches
+    with the first one's keys (Wan 2.2's ``transformer_2``: ``load_into_transformer_2=True``).
+    """
     if spec.has_lora_loader:
         with quiet_diffusers():
-            spec.pipe.load_lora_weights(loadable(lora), adapter_name=ADAPTER_NAME)
+            for kwargs in [{}, *other_denoiser_routes(spec)]:
+                spec.pipe.load_lora_weights(loadable(lora), adapter_name=adapter_name, **kwargs)
         return
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     state_dict, config = read_peft_adapter(lora, spec)
-    inject_adapter_in_model(config, spec.denoiser, adapter_name=ADAPTER_NAME, state_dict=state_dict)
-    result = set_peft_model_state_dict(spec.denoiser, state_dict, ADAPTER_NAME)
+    inject_adapter_in_model(config, spec.denoiser, adapter_name=adapter_name, state_dict=state_dict)
+    result = set_peft_model_state_dict(spec.denoiser, state_dict, adapter_name)
     unexpected = [key for key in result.unexpected_keys if ".lora_" in key]
     if unexpected:
         raise ValueError(
             f"adapter keys match no LoRA layer of {type(spec.denoiser).__name__}: "
             f"{', '.join(unexpected[:5])}; write the adapter for this model (PEFT key format)"
         )
+
+
+def other_denoiser_routes(spec: PipelineSpec) -> list[dict[str, Any]]:
+    """The ``load_lora_weights`` keywords that send the first denoiser's keys into each other
+    denoiser (Wan 2.2: ``load_into_transformer_2=True``); a denoiser the loader reaches only by
+    its own key prefix gets nothing from a file written for the first one."""
+    if len(spec.denoisers) < 2 or not spec.has_lora_loader:
+        return []
+    from pytest_hotswap.pipelines.families_driver import lora_route
+
+    routes = [lora_route(spec.pipe, name) for name in spec.denoiser_names()[1:]]
+    return [route.load_kwargs for route in routes if route.load_kwargs]
 
 
 def read_peft_adapter(

@@ -45,6 +45,7 @@ MEASUREMENTS = {
     "plugin_overhead": "pytest_hotswap.bench.overhead",
     "installed_plugin": "pytest_hotswap.bench.installed",
     "slots": "pytest_hotswap.bench.slots",
+    "verdict_cost": "pytest_hotswap.bench.verdict",
 }
 
 

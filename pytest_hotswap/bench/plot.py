@@ -209,6 +209,16 @@ def _slots(ax: Any, result: Result) -> None:
     ax.tick_params(axis="x", labelsize=6)
 
 
+def _verdict(ax: Any, result: Result) -> None:
+    models = list(dict.fromkeys(r["model"] for r in result.rows))
+    series: dict[str, list[Value]] = {}
+    for row in result.rows:
+        series.setdefault(row["verdict"], [None] * len(models))
+        series[row["verdict"]][models.index(row["model"])] = _value(row, "failing_call_ms")
+    _bars(ax, models, series, "ms of the failing call (log)")
+    ax.set_yscale("log")
+
+
 PANELS: dict[str, Callable[[Any, Result], None]] = {
     "swap_latency": _swap,
     "recompile_stall": _stall,
@@ -217,6 +227,7 @@ PANELS: dict[str, Callable[[Any, Result], None]] = {
     "plugin_overhead": _overhead,
     "installed_plugin": _installed,
     "slots": _slots,
+    "verdict_cost": _verdict,
 }
 
 
@@ -226,7 +237,8 @@ def plot(results: Sequence[Result], path: Path, config: BenchConfig) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(22, 10))
+    rows = -(-(len(results) + 1) // 4)  # a panel per measurement, and the goals
+    fig, axes = plt.subplots(rows, 4, figsize=(22, 5 * rows), squeeze=False)
     flat = list(axes.flat)
     for ax, result in zip(flat, results, strict=False):
         ax.set_title(textwrap.fill(result.title, 75), fontsize=7)

@@ -29,7 +29,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         for implementation in session.options.implementations
         for file in files
     ]
-    ids = [f"{label_of(p)}-{i}|{f}" for p, i, f in params]
+    ids = [f"{label_of(p, session.options.pipelines)}-{i}|{f}" for p, i, f in params]
     metafunc.parametrize("catalog_case", params, ids=ids, indirect=True)
 
 

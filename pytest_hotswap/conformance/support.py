@@ -168,7 +168,8 @@ def eager_output(
     spec = _EAGER_SPECS.get((id(session), source, pipeline.options))
     if spec is None:
         spec = session.build_spec(source, pipeline.options)
-        pipelines.quantize_denoiser(spec.denoiser, pipeline.options.quantize)
+        for denoiser in spec.denoisers:  # as the compiled pipeline: Wan 2.2's experts both
+            pipelines.quantize_denoiser(denoiser, pipeline.options.quantize)
         if spec.has_lora_loader:  # reusable: its adapters can be unloaded
             _EAGER_SPECS[(id(session), source, pipeline.options)] = spec
     names = []
@@ -194,13 +195,8 @@ _EAGER_SPECS: dict[tuple[Any, ...], Any] = {}
 
 def _load_plain(spec: Any, lora: Any, name: str) -> None:
     from pytest_hotswap import pipelines
-    from pytest_hotswap.adapters.loading import loadable
 
-    if name == pipelines.ADAPTER_NAME:
-        pipelines.load_first_adapter(spec, lora)
-        return
-    with pipelines.quiet_diffusers():
-        spec.pipe.load_lora_weights(loadable(lora), adapter_name=name)
+    pipelines.load_first_adapter(spec, lora, name)  # every denoiser the loader reaches
 
 
 def _set_weights(spec: Any, names: list[str], weights: list[float]) -> None:

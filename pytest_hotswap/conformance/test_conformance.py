@@ -89,7 +89,7 @@ def _factory(factory: Any, pipeline: Any, **kwargs: Any) -> Any:
     from pytest_hotswap.implementations import UnsupportedFeatureError
 
     try:
-        return factory(pipeline.name, pipeline.implementation, **kwargs)
+        return factory(pipeline.source or pipeline.name, pipeline.implementation, **kwargs)
     except UnsupportedFeatureError as error:
         pytest.skip(f"not supported: {error}")
 
@@ -167,11 +167,24 @@ def test_conv2d(hotswap_pipeline, lora_factory, pytestconfig):
 
 
 def test_quantized_base(hotswap_pipeline, hotswap_pipeline_factory, lora_factory, pytestconfig):
+    import importlib.util
+
     quantize = hotswap_pipeline.options.quantize
-    if quantize == "none":
+    if quantize == "none":  # not asked for: torchao is an optional extra (asked: a usage error)
+        try:
+            found = importlib.util.find_spec("torchao") is not None
+        except ValueError:  # sys.modules["torchao"] = None
+            found = False
+        if not found:
+            pytest.skip(
+                "not supported: the quantized base needs torchao: "
+                "pip install 'pytest-hotswap[quant]'"
+            )
         quantize = "int8-weight-only"
     pipeline = hotswap_pipeline_factory(
-        hotswap_pipeline.name, hotswap_pipeline.implementation, quantize=quantize
+        hotswap_pipeline.source or hotswap_pipeline.name,
+        hotswap_pipeline.implementation,
+        quantize=quantize,
     )
     swap_and_compare(pipeline, lora_factory(pipeline, rank=16, seed=7), pytestconfig)
 
@@ -297,7 +310,9 @@ def test_rank_over_max(hotswap_pipeline, lora_factory):
 
 def test_superset_targets(hotswap_pipeline, hotswap_pipeline_factory, lora_factory):
     pipeline = hotswap_pipeline_factory(
-        hotswap_pipeline.name, hotswap_pipeline.implementation, first_targets="half"
+        hotswap_pipeline.source or hotswap_pipeline.name,
+        hotswap_pipeline.implementation,
+        first_targets="half",
     )
     error = pipeline.impl.rejection("UnexpectedTargetsError")
     assert_rejected(pipeline, lora_factory(pipeline, rank=8, targets="all", seed=21), error)

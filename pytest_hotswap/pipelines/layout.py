@@ -8,7 +8,7 @@ swap, and a difference is a ``layout change`` event for an active ``CompileWatch
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -20,14 +20,19 @@ from pytest_hotswap.watch import KIND_LAYOUT_CHANGE, CompileEvent, CompileWatche
 TensorLayout = tuple[int, tuple[int, ...], torch.dtype, torch.device, int]
 
 
-def lora_layout(modules: Iterable[torch.nn.Module]) -> dict[str, TensorLayout]:
-    """Every LoRA tensor of ``modules`` (compiled or not): object, shape, dtype, device, storage."""
+def lora_layout(
+    modules: Iterable[torch.nn.Module], owners: Mapping[int, str] | None = None
+) -> dict[str, TensorLayout]:
+    """Every LoRA tensor of ``modules`` (compiled or not): object, shape, dtype, device, storage.
+    ``owners`` names modules by ``id``: their tensors are named ``<owner>.<parameter>``."""
+    owners = owners or {}
     layout: dict[str, TensorLayout] = {}
     for module in modules:
+        prefix = f"{owners[id(module)]}." if id(module) in owners else ""
         module = unwrap_compiled(module)
         for name, tensor in module.named_parameters():
             if ".lora_" in name:
-                layout[name] = (
+                layout[prefix + name] = (
                     id(tensor),
                     tuple(tensor.shape),
                     tensor.dtype,

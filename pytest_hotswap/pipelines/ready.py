@@ -77,7 +77,7 @@ class HotswapPipeline:
     def compiled_modules(self) -> list[torch.nn.Module]:
         """The modules compiled for this pipeline: the denoiser, and the text encoders when
         they are hotswapped too."""
-        modules = [self.denoiser]
+        modules = list(self.spec.denoisers)  # Wan 2.2: both experts
         if self.preparation.text_encoder:
             modules += list(self.spec.text_encoders().values())
         return modules
@@ -217,7 +217,10 @@ class HotswapPipeline:
 
     def lora_layout(self) -> dict[str, TensorLayout]:
         """Every LoRA tensor of the compiled modules: object, shape, dtype, device, storage."""
-        return lora_layout(self.compiled_modules)
+        # With several denoisers, each tensor is named by its denoiser (transformer_2.blocks...).
+        denoisers = self.spec.denoisers
+        owners = dict(zip(map(id, denoisers), self.spec.denoiser_names(), strict=True))
+        return lora_layout(self.compiled_modules, owners if len(denoisers) > 1 else {})
 
     def layout_changed(self) -> bool:
         """Whether a LoRA tensor changed object, shape, dtype, device or storage since the build."""

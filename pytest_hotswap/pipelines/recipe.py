@@ -5,8 +5,8 @@
     implementation.before_load(spec, preparation)     # diffusers: pad before the first load
     implementation.load_first(spec, first_lora)       # plain load, adapter "default"
     implementation.after_load(spec, preparation)      # reference / PEFT: pad after the load
-    quantize_denoiser(spec.denoiser, quantize)        # optional torchao weight quantization
-    compile_denoiser(spec.denoiser, backend, mode)    # in place, isolate_recompiles=True
+    quantize_denoiser(denoiser, quantize)             # each of spec.denoisers: torchao weights
+    compile_denoiser(denoiser, backend, mode)         # each, in place, isolate_recompiles=True
     warm_up(pipeline)                                  # the exact call used later
 """
 
@@ -60,13 +60,15 @@ def build_hotswap_pipeline(
             f"{options.max_rank}; build the preparation from the same options"
         )
     check_quantization(options.quantize, options.device)  # before the spec is changed
+    implementation.check_spec(spec)
     implementation.before_load(spec, preparation)
     implementation.load_first(spec, first_lora)
     implementation.after_load(spec, preparation)
     if preparation.slots > 1:
         implementation.load_slots(spec, first_lora, preparation)
-    quantize_denoiser(spec.denoiser, options.quantize)
-    compile_denoiser(spec.denoiser, options.backend, options.mode, fullgraph=spec.fullgraph)
+    for denoiser in spec.denoisers:  # Wan 2.2: both experts
+        quantize_denoiser(denoiser, options.quantize)
+        compile_denoiser(denoiser, options.backend, options.mode, fullgraph=spec.fullgraph)
     if preparation.text_encoder:
         for encoder in spec.text_encoders().values():
             compile_denoiser(encoder, options.backend, options.mode, fullgraph=False)

@@ -18,11 +18,7 @@ import torch
 
 from pytest_hotswap.adapters.header import TEXT_ENCODER_NAMES
 from pytest_hotswap.pipelines import tiny
-from pytest_hotswap.pipelines.saved import (
-    PipelineNotFoundError,
-    SavedPipeline,
-    find_saved_pipeline,
-)
+from pytest_hotswap.pipelines.saved import SavedPipeline, find_saved_pipeline
 
 if TYPE_CHECKING:
     from pytest_hotswap.options import HotswapOptions
@@ -41,7 +37,9 @@ class PipelineSpec:
     ``fc1.lora_A.weight``). ``run`` is the deterministic end-to-end call that returns a tensor and
     takes keyword overrides; ``inputs`` returns the keyword arguments of one direct denoiser call.
     ``strength_keyword`` is the call keyword diffusers reads a LoRA ``scale`` from (found from the
-    pipeline's signature when not given). The recipe compiles the denoiser in place
+    pipeline's signature when not given). ``denoisers`` lists every denoiser that carries LoRA
+    and gets compiled (Wan 2.2's ``transformer`` and ``transformer_2``), ``denoiser`` first;
+    it defaults to ``[denoiser]``. The recipe compiles the denoiser in place
     (``nn.Module.compile``), so closures over ``pipe`` or ``denoiser`` call the compiled code.
     """
 
@@ -52,10 +50,25 @@ class PipelineSpec:
     inputs: Callable[[], dict[str, Any]] | None = None
     fullgraph: bool = True
     strength_keyword: str | None = None
+    denoisers: list[torch.nn.Module] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.strength_keyword is None and self.pipe is not None:
             self.strength_keyword = strength_keyword_of(self.pipe)
+        if not self.denoisers:
+            self.denoisers = [self.denoiser]
+        elif self.denoisers[0] is not self.denoiser:
+            raise ValueError("PipelineSpec.denoisers must start with PipelineSpec.denoiser")
+
+    def denoiser_names(self) -> list[str]:
+        """How the pipeline names each of ``denoisers`` (``transformer``, ``transformer_2``);
+        ``denoiser`` for a bare model."""
+        components = getattr(self.pipe, "components", None) or {}
+        names = []
+        for module in self.denoisers:
+            found = (name for name, value in components.items() if value is module)
+            names.append(next(found, "denoiser"))
+        return names
 
     @property
     def lora_target(self) -> Any:
@@ -67,11 +80,13 @@ class PipelineSpec:
         return self.pipe is not None and hasattr(self.pipe, "load_lora_weights")
 
     def text_encoders(self) -> dict[str, torch.nn.Module]:
-        """The pipeline's text encoders by attribute name (``text_encoder``, ``text_encoder_2`` ...)."""
+        """The pipeline's LoRA-loadable text encoders by attribute name (``text_encoder`` ...)."""
         if self.pipe is None:
             return {}
+        # Those the pipeline's LoRA loader loads into, where it declares them (Wan's loads none).
+        declared = getattr(type(self.pipe), "_lora_loadable_modules", TEXT_ENCODER_NAMES)
         found = {}
-        for name in TEXT_ENCODER_NAMES:
+        for name in (n for n in TEXT_ENCODER_NAMES if n in declared):
             module = getattr(self.pipe, name, None)
             if isinstance(module, torch.nn.Module):
                 found[name] = module
@@ -134,10 +149,56 @@ def flux_spec(options: HotswapOptions, seed: int = 0) -> PipelineSpec:
     )
 
 
-REGISTRY: dict[str, PipelineEntry] = {
-    "sd": PipelineEntry("sd", sd_spec, "tiny Stable Diffusion: UNet (Linear + Conv2d), CLIP"),
-    "flux": PipelineEntry("flux", flux_spec, "tiny Flux: transformer, CLIP + T5"),
-}
+def driven_spec(name: str, pipe: Any, seed: int = 0) -> PipelineSpec:
+    """A spec for any pipeline the families driver can drive (refused first, naming what is
+    missing): the denoisers its LoRA loader declares, the first of them as ``denoiser``, and
+    ``run`` the smallest seeded call of the pipeline's own ``__call__`` (latents out).
+    ``inputs`` is None: a direct denoiser call is not derivable from the pipeline.
+
+    One eager call first: it refuses a pipeline that leaves a denoiser idle, and fills what a
+    model computes lazily on its first call (Z-Image's rotary table is built under
+    ``with torch.device("cpu")``, which dynamo cannot trace with ``fullgraph=True``).
+    """
+    from pytest_hotswap.pipelines import families_driver as driver
+
+    driver.check_drivable(pipe)
+    models = list(driver.denoisers(pipe).values())
+    driver.drive(pipe, seed)
+
+    def run(**overrides: Any) -> torch.Tensor:
+        return driver.drive(pipe, seed, **overrides)
+
+    return PipelineSpec(name, models[0], run, pipe=pipe, denoisers=models)
+
+
+def family_spec(family: str) -> Callable[[HotswapOptions, int], PipelineSpec]:
+    """The build function of a built-in family of :mod:`families_table`."""
+
+    def build(options: HotswapOptions, seed: int = 0) -> PipelineSpec:
+        from pytest_hotswap.pipelines.families import build_family
+
+        options = options.resolved()
+        pipe = build_family(family, seed, options.device, options.dtype)
+        return driven_spec(family, pipe, seed)
+
+    return build
+
+
+def _registry() -> dict[str, PipelineEntry]:
+    """``sd`` and ``flux`` as :mod:`tiny` builds them (prompts as embeddings, the pipelines the
+    rest of the suite was verified on); every other family of the table through the driver."""
+    from pytest_hotswap.pipelines.families_table import FAMILIES
+
+    entries = {
+        "sd": PipelineEntry("sd", sd_spec, "tiny Stable Diffusion: UNet (Linear + Conv2d), CLIP"),
+        "flux": PipelineEntry("flux", flux_spec, "tiny Flux: transformer, CLIP + T5"),
+    }
+    for name, family in FAMILIES.items():
+        entries.setdefault(name, PipelineEntry(name, family_spec(name), family.description))
+    return entries
+
+
+REGISTRY: dict[str, PipelineEntry] = _registry()
 
 
 def register(entry: PipelineEntry) -> None:
@@ -148,17 +209,22 @@ def register(entry: PipelineEntry) -> None:
 # --- pipelines saved on disk ------------------------------------------------------------------
 
 
-def saved_spec(saved: SavedPipeline, options: HotswapOptions) -> PipelineSpec:
-    """Load the saved pipeline offline on the options' device and dtype.
+def saved_spec(saved: SavedPipeline, options: HotswapOptions, seed: int = 0) -> PipelineSpec:
+    """Load the saved pipeline offline on the options' device and dtype, driven by the families
+    driver: its LoRA loader's denoisers, its own ``__call__`` with a prompt through its own
+    tokenizers, the smallest size, two steps, latents out (see :func:`driven_spec`).
 
-    Its ``run`` is a short deterministic call: 2 steps at the smallest size the denoiser takes,
-    prompts as seeded token ids through its own tokenizer-free text encoders when it has them.
+    A folder saved without tokenizers by pytest-hotswap's tiny ``sd`` / ``flux`` builders (their
+    prompts are embeddings) is called as those are, recognised by its exact pipeline class.
     """
     from diffusers import DiffusionPipeline
 
     from pytest_hotswap.adapters.loading import quiet_diffusers
+    from pytest_hotswap.pipelines.families_driver import check_drivable
 
     options = options.resolved()
+    if saved.class_name is not None:
+        check_drivable(saved.pipeline_class())  # before loading: what is missing, named
     with quiet_diffusers():
         pipe = DiffusionPipeline.from_pretrained(
             str(saved.folder),
@@ -169,26 +235,42 @@ def saved_spec(saved: SavedPipeline, options: HotswapOptions) -> PipelineSpec:
     pipe = pipe.to(options.device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    denoiser = getattr(pipe, saved.denoiser)
-    encoded = _encoded_call(pipe)
+    encoded = _tokenizer_free_call(pipe, saved, seed)
+    if encoded is None:
+        _check_tokenizers(pipe, saved)
+        return driven_spec(saved.label, pipe, seed)
 
     def run(**overrides: Any) -> torch.Tensor:
         return pipe(**{**encoded(), **overrides}).images
 
-    return PipelineSpec(saved.label, denoiser, run, pipe=pipe)
+    return PipelineSpec(saved.label, getattr(pipe, saved.denoiser), run, pipe=pipe)
 
 
-def _encoded_call(pipe: Any) -> Callable[[], dict[str, Any]]:
-    """Deterministic call keywords for a saved pipeline of a family the tiny ones cover."""
-    if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "text_encoder_2"):
-        return lambda: tiny.flux_encoded_call_kwargs(pipe)
-    if getattr(pipe, "unet", None) is not None and hasattr(pipe, "text_encoder"):
-        return lambda: tiny.sd_encoded_call_kwargs(pipe)
-    raise PipelineNotFoundError(
-        f"{type(pipe).__name__}: pytest-hotswap knows how to call Stable Diffusion and Flux "
-        "pipelines; for another family return a PipelineSpec with its own run() from a "
-        "pytest_hotswap_build_pipeline hook"
-    )
+def _tokenizer_free_call(
+    pipe: Any, saved: SavedPipeline, seed: int
+) -> Callable[[], dict[str, Any]] | None:
+    """The embeddings call of a tiny ``sd`` / ``flux`` saved without tokenizers, else None."""
+    from diffusers import FluxPipeline, StableDiffusionPipeline
+
+    if "tokenizer" not in saved.missing:
+        return None
+    if type(pipe) is FluxPipeline:
+        return lambda: tiny.flux_encoded_call_kwargs(pipe, seed)
+    if type(pipe) is StableDiffusionPipeline:
+        return lambda: tiny.sd_encoded_call_kwargs(pipe, seed)
+    return None
+
+
+def _check_tokenizers(pipe: Any, saved: SavedPipeline) -> None:
+    from pytest_hotswap.pipelines.families_driver import BUILD_HOOK, UnsupportedPipelineError
+
+    lacking = [name for name in saved.missing if name.startswith("tokenizer")]
+    if lacking:
+        raise UnsupportedPipelineError(
+            f"{type(pipe).__name__} in {saved.folder} was saved without {', '.join(lacking)}; "
+            "the driver passes a prompt through the pipeline's own tokenizers: save the "
+            f"pipeline with them, or {BUILD_HOOK}"
+        )
 
 
 def build_spec(name: str, options: HotswapOptions, seed: int = 0) -> PipelineSpec:
@@ -196,4 +278,4 @@ def build_spec(name: str, options: HotswapOptions, seed: int = 0) -> PipelineSpe
     entry = REGISTRY.get(name)
     if entry is not None:
         return entry.build(options, seed)
-    return saved_spec(find_saved_pipeline(name), options)
+    return saved_spec(find_saved_pipeline(name), options, seed)

@@ -1,7 +1,10 @@
 """Pipelines saved on disk: a folder written by ``save_pretrained``, or a hub id in the local cache.
 
-Only ``model_index.json`` is read here, and nothing imports torch, so the plugin can check a
-``--hotswap-pipelines`` path when the session starts without paying for torch.
+Only ``model_index.json`` is read here; diffusers is imported only to ask the pipeline class its
+LoRA loader (which components it loads into), never torch at module level. A folder is
+identified by its resolved absolute path (:func:`identity_of`): the same pipeline from any working
+directory, and two folders of one name in different places are two pipelines. Its label (the
+folder's name, with parents where two labels would clash) is for display only.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_hotswap.adapters.header import DENOISER_NAMES
+from pytest_hotswap.pipelines.families_table import FAMILIES
 
 
 class PipelineNotFoundError(ValueError):
@@ -24,9 +28,24 @@ class SavedPipeline:
     """A saved diffusers pipeline: a folder with ``model_index.json``, or a cached hub id."""
 
     source: str  # as given in --hotswap-pipelines
-    folder: Path
-    denoiser: str  # "transformer" or "unet"
+    folder: Path  # resolved, absolute
+    denoiser: str  # the first LoRA-loadable diffusers model: "unet", "transformer" ...
     missing: tuple[str, ...] = ()  # components saved as null (a tokenizer-free tiny pipeline)
+    class_name: str | None = None  # model_index.json's _class_name
+
+    def pipeline_class(self) -> type:
+        """The diffusers pipeline class ``model_index.json`` names (imports diffusers)."""
+        import diffusers
+
+        cls = getattr(diffusers, self.class_name or "", None)
+        if not isinstance(cls, type):
+            raise PipelineNotFoundError(
+                f"{self.source!r}: model_index.json names the pipeline class "
+                f"{self.class_name!r}, which diffusers {diffusers.__version__} does not have; "
+                "build it yourself and return a PipelineSpec from a "
+                "pytest_hotswap_build_pipeline hook"
+            )
+        return cls
 
     @property
     def label(self) -> str:
@@ -42,12 +61,12 @@ def find_saved_pipeline(source: str) -> SavedPipeline:
     """
     path = Path(source).expanduser()
     if path.exists():
-        folder = path
+        folder = path.resolve()
     elif _looks_like_hub_id(source):
         folder = _cached_snapshot(source)
     else:
         raise PipelineNotFoundError(
-            f"{source!r}: no registered pipeline of that name (sd, flux), no such "
+            f"{source!r}: no registered pipeline of that name ({', '.join(FAMILIES)}), no such "
             "folder, and not a hub id (owner/name); give a folder written by "
             "pipe.save_pretrained(...), a hub id in the local cache, or a name a "
             "pytest_hotswap_build_pipeline hook builds"
@@ -64,14 +83,37 @@ def find_saved_pipeline(source: str) -> SavedPipeline:
         raise PipelineNotFoundError(f"{source!r}: cannot read {index} ({error})") from None
     if not isinstance(components, dict):
         raise PipelineNotFoundError(f"{source!r}: {index} is not a JSON object")
-    denoiser = next((name for name in DENOISER_NAMES if _is_component(components.get(name))), None)
+    class_name = components.get("_class_name")
+    class_name = class_name if isinstance(class_name, str) else None
+    denoiser = next(
+        (name for name in _denoiser_names(class_name) if _is_component(components.get(name))),
+        None,
+    )
     if denoiser is None:
         raise PipelineNotFoundError(
             f"{source!r}: the pipeline in {folder} has no denoiser (no {' or '.join(DENOISER_NAMES)} "
             "component in model_index.json); LoRA hotswapping needs a UNet or transformer"
         )
     missing = tuple(name for name, value in components.items() if value == [None, None])
-    return SavedPipeline(source, folder, denoiser, missing)
+    return SavedPipeline(source, folder, denoiser, missing, class_name)
+
+
+def _denoiser_names(class_name: str | None) -> tuple[str, ...]:
+    """Where the denoisers are: the components the pipeline class's LoRA loader declares that
+    are diffusers models by name (``unet``, ``transformer``, ``transformer_2``), else the usual
+    names (a class diffusers does not have, or one without a loader)."""
+    if class_name is None:
+        return DENOISER_NAMES
+    try:
+        import diffusers
+
+        cls = getattr(diffusers, class_name, None)
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return DENOISER_NAMES
+    loadable = getattr(cls, "_lora_loadable_modules", None)
+    if not loadable:
+        return DENOISER_NAMES
+    return tuple(name for name in loadable if not name.startswith("text_encoder"))
 
 
 def _is_component(value: Any) -> bool:
@@ -98,11 +140,33 @@ def _cached_snapshot(repo_id: str) -> Path:
 
 def looks_like_path(name: str) -> bool:
     """Whether a ``--hotswap-pipelines`` entry names a folder or a hub id, not a registered name."""
+    if name in FAMILIES:
+        return False
     return "/" in name or os.sep in name or name.startswith((".", "~")) or Path(name).exists()
 
 
-def label_of(name: str) -> str:
-    """The column label of a ``--hotswap-pipelines`` entry: a path shows as its folder name."""
+def identity_of(name: str) -> str:
+    """What identifies a pipeline entry: an existing folder's resolved absolute path (the same
+    from any working directory); a registered name, a hook's name or a hub id as given."""
     if not looks_like_path(name):
         return name
-    return SavedPipeline(name, Path(name), "").label
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def label_of(name: str, among: tuple[str, ...] | list[str] = ()) -> str:
+    """The column label of a ``--hotswap-pipelines`` entry: a path shows as its folder name,
+    with as many parent folders as it takes to tell it from the other entries ``among``."""
+    if not looks_like_path(name):
+        return name
+    parts = Path(name.rstrip("/\\")).parts
+    others = {
+        Path(other.rstrip("/\\")).parts
+        for other in among
+        if looks_like_path(other) and identity_of(other) != identity_of(name)
+    }
+    for depth in range(1, len(parts) + 1):
+        label = parts[-depth:]
+        if not any(other[-depth:] == label for other in others):
+            return "/".join(label) or name
+    return name

@@ -26,9 +26,8 @@ from pytest_hotswap.plugin.session import (
     ITEM_KEY,
     SESSION_KEY,
     HotswapSession,
-    check_implementations,
-    header_lines,
 )
+from pytest_hotswap.plugin.start import check_implementations, header_lines
 
 if TYPE_CHECKING:
     from pytest_hotswap.watch import CompileWatcher
@@ -76,9 +75,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "no_recompile(max_recompiles=0, fresh=False): fail the test when dynamo recompiles more "
-        "than max_recompiles times during its setup and call (first compiles are fine); "
-        "fresh=True resets dynamo first",
+        "no_recompile(max_recompiles=0, fresh=False, count_all=False): fail the test when dynamo "
+        "recompiles more than max_recompiles times during its setup and call (first compiles are "
+        "fine), at the guard of the recompile past the allowance, before it compiles; "
+        "count_all=True compiles on and counts every recompile; fresh=True resets dynamo first",
     )
     config.addinivalue_line(
         "markers",
@@ -116,10 +116,12 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     session = _session(item.config)
     if session.watcher_of(item) is None:
         return (yield)
+    test = item.stash[ITEM_KEY]
     try:
-        result = yield
+        with test.fail_at_guard():
+            result = yield
     except BaseException as error:
-        if not session.is_storm_failure(item, error):
+        if not (test.is_storm_failure(error) or test.is_guard_stop(error)):
             session.call_recompile_hooks(item)
             raise
         result = None

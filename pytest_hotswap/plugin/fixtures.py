@@ -84,18 +84,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize ``hotswap_pipeline`` over pipelines x implementations, ids ``sd-diffusers``."""
     if "hotswap_pipeline" not in metafunc.fixturenames:
         return
-    from pytest_hotswap.pipelines.saved import label_of
+    from pytest_hotswap.pipelines.saved import identity_of, label_of
 
     options = session_of(metafunc.config).options
     pipeline = marker_overrides(metafunc.definition).get("pipeline")
     if pipeline is None:
         names = options.pipelines
     else:
-        names = (pipeline,) if isinstance(pipeline, str) else tuple(pipeline)
+        given = (pipeline,) if isinstance(pipeline, str) else tuple(pipeline)
+        names = tuple(identity_of(name) for name in given)
     params = [(name, impl) for name in names for impl in options.implementations]
-    metafunc.parametrize(
-        "hotswap_pipeline", params, ids=[f"{label_of(n)}-{i}" for n, i in params], indirect=True
-    )
+    ids = [f"{label_of(n, names)}-{i}" for n, i in params]
+    metafunc.parametrize("hotswap_pipeline", params, ids=ids, indirect=True)
 
 
 # --- Fixtures --------------------------------------------------------------------------------
@@ -147,8 +147,10 @@ class PipelineFactory:
         options = _apply(self.options, overrides, self.where)
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise pytest.UsageError(f"{self.where}: slots must be an integer >= 1, got {slots!r}")
+        from pytest_hotswap.pipelines.saved import identity_of
+
         configuration = Configuration(
-            name=name,
+            name=identity_of(name),
             implementation=implementation,
             options=options,
             first_targets=first_targets if isinstance(first_targets, str) else tuple(first_targets),
@@ -217,8 +219,13 @@ def hotswap_pipeline(
             f"{request.node.nodeid}: hotswap_pipeline is parametrized by pytest-hotswap's "
             "pytest_generate_tests; request it as a test argument, or use hotswap_pipeline_factory"
         )
+    from pytest_hotswap.implementations import UnsupportedFeatureError
+
     name, implementation = param
-    return hotswap_pipeline_factory(name, implementation)
+    try:
+        return hotswap_pipeline_factory(name, implementation)
+    except UnsupportedFeatureError as error:  # the matrix's "not supported"
+        pytest.skip(f"not supported: {error}")
 
 
 # --- Default hook implementations ------------------------------------------------------------

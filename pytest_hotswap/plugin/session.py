@@ -9,14 +9,22 @@ torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_hotswap import options as opts
+from pytest_hotswap.plugin.start import (
+    check_pipelines,
+    check_quantize,
+    is_xdist_controller,
+    read_catalog,
+    read_options,
+    resolve_max_rank,
+)
 
 if TYPE_CHECKING:
     from pytest_hotswap.adapters.catalog import Catalog
@@ -29,7 +37,7 @@ if TYPE_CHECKING:
 #: Fixtures whose use makes a test watched (besides every ``hotswap_*`` fixture).
 WATCHING_FIXTURES = ("compile_watcher",)
 WATCHING_PREFIX = "hotswap_"
-NO_RECOMPILE_KWARGS = ("max_recompiles", "fresh")
+NO_RECOMPILE_KWARGS = ("max_recompiles", "fresh", "count_all")
 
 
 @dataclasses.dataclass
@@ -38,10 +46,45 @@ class WatchedTest:
 
     allowance: int | None  # the no_recompile allowance; None: watched, not judged
     fresh: bool = False
+    count_all: bool = False  # compile on past the allowance (else: fail at the guard)
     watcher: CompileWatcher | None = None
     hooked: int = 0  # failing events already passed to pytest_hotswap_recompile
     failed_by_marker: bool = False
     outcome: str = "passed"
+
+    @property
+    def judged(self) -> bool:
+        """Marked ``no_recompile`` (or strict) and watched."""
+        return self.allowance is not None and self.watcher is not None
+
+    def fail_at_guard(self) -> contextlib.AbstractContextManager[None]:
+        """Around a marked test's call: the recompile past its allowance is refused at its
+        guard, before compiling (unless ``count_all``)."""
+        if not self.judged or self.count_all:
+            return contextlib.nullcontext()
+        return self.watcher.fail_at_guard(self.allowance)
+
+    def is_guard_stop(self, error: BaseException) -> bool:
+        """Whether ``error`` is dynamo's refusal of a recompile this test's watcher saw."""
+        if not self.judged or not self.watcher.stopped_at_guard:
+            return False
+        exc = sys.modules.get("torch._dynamo.exc")
+        seen: set[int] = set()
+        cause: BaseException | None = error
+        while cause is not None and id(cause) not in seen:  # a caller may wrap it
+            if exc is not None and isinstance(cause, exc.RecompileError):
+                return True
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        return False
+
+    def is_storm_failure(self, error: BaseException) -> bool:
+        """Whether ``error`` is the storm this test's watcher recorded.
+
+        Under fullgraph, a frame past dynamo's recompile_limit raises instead of falling back to
+        eager: the watcher recorded that storm, so the test fails the same clean way as without.
+        """
+        return self.judged and self.watcher.had_storm and _is_recompile_limit_error(error)
 
 
 ITEM_KEY = pytest.StashKey[WatchedTest]()
@@ -55,15 +98,16 @@ class HotswapSession:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         options = read_options(config)
-        _check_pipelines(options.pipelines)
-        self._catalog: Catalog | None = _read_catalog(options.adapters)  # read once, here
-        self.options, self.max_rank_source = _resolve_max_rank(options, self._catalog)
+        options = dataclasses.replace(options, pipelines=check_pipelines(options.pipelines, config))
+        check_quantize(options.quantize)
+        self._catalog: Catalog | None = read_catalog(options.adapters)  # read once, here
+        self.options, self.max_rank_source = resolve_max_rank(options, self._catalog)
         self._reporter: HotswapReporter | None = None
         if (
             self.options.report
             or self.options.baseline
             or self.options.fail_on
-            or _xdist_controller(config)
+            or is_xdist_controller(config)
         ):
             self.reporter  # noqa: B018 (checks the report options now: a usage error before any test)
         self.uses_hotswap = bool(self.options.strict)
@@ -122,7 +166,8 @@ class HotswapSession:
         for item in items:
             allowance, fresh = no_recompile_marker(item, self.options.strict, self.options.fresh)
             if allowance is not None or _uses_fixtures(item):
-                item.stash[ITEM_KEY] = WatchedTest(allowance, fresh)
+                count_all = no_recompile_count_all(item, self.options.count_all)
+                item.stash[ITEM_KEY] = WatchedTest(allowance, fresh, count_all)
                 self.uses_hotswap = True
         if self.uses_hotswap:
             from pytest_hotswap.stacks import too_old
@@ -163,20 +208,6 @@ class HotswapSession:
         import torch
 
         torch.compiler.reset()
-
-    def is_storm_failure(self, item: pytest.Item, error: BaseException) -> bool:
-        """Whether ``error`` is the storm a marked test's watcher recorded.
-
-        Under fullgraph, a frame past dynamo's recompile_limit raises instead of falling back to
-        eager: the watcher recorded that storm, so the test fails the same clean way as without.
-        """
-        state = item.stash[ITEM_KEY]
-        return (
-            state.allowance is not None
-            and state.watcher is not None
-            and state.watcher.had_storm
-            and _is_recompile_limit_error(error)
-        )
 
     def verdict(self, item: pytest.Item) -> str | None:
         """After the call: the failure message of ``no_recompile``, or ``None``."""
@@ -271,61 +302,17 @@ class HotswapSession:
 # --- the session's parts that need no state of their own ---
 
 
-def header_lines(session: HotswapSession) -> list[str]:
-    """The ``hotswap:`` lines after collection, for a session that uses the plugin (the
-    versions come from package metadata: nothing is imported)."""
-    if not session.uses_hotswap and session.options == opts.HotswapOptions():
-        return []
-    return _header_lines(session)
-
-
-def _header_lines(session: HotswapSession) -> list[str]:
-    from pytest_hotswap.stacks import describe_stack, verified_stack
-
-    o = session.options
-    rank = f"{o.max_rank}" + (
-        f" (auto: {session.max_rank_source})" if session.max_rank_source else ""
-    )
-    settings = (
-        f"max_rank={rank} backend={o.backend} mode={o.mode} device={o.device} dtype={o.dtype} "
-        f"quantize={o.quantize} pipelines={','.join(o.pipelines)} "
-        f"implementations={','.join(o.implementations)}"
-    )
-    flags = "".join(f" {flag}" for flag in ("strict", "fresh") if getattr(o, flag))
-    defects = [
-        d
-        for name in o.implementations
-        if name in session.implementations
-        for d in session.implementations[name].defects_for()
-    ]
-    verified = (
-        "verified" if verified_stack(defects) else "not verified: known defects expected loosely"
-    )
-    lines = [f"hotswap: {describe_stack()} ({verified}) | {settings}{flags}"]
-    if o.adapters is not None:
-        lines.append(f"hotswap catalog: {o.adapters}")
-    return lines
-
-
-def check_implementations(session: HotswapSession) -> None:
-    """Refuse unknown ``--hotswap-implementations`` names (hooks may add some)."""
-    if session.options.implementations == opts.IMPLEMENTATIONS.default:
-        return  # the built-in ones: nothing to import to know them
-    try:
-        session.implementations.choose(session.options.implementations)
-    except ValueError as error:
-        given = ",".join(session.options.implementations)
-        raise pytest.UsageError(f"--hotswap-implementations={given}: {error}") from None
-
-
 def build_spec(config: pytest.Config, name: str, options: opts.HotswapOptions) -> PipelineSpec:
     """The built, not yet adapted pipeline ``name``: from a hook, the registry or a folder."""
     from pytest_hotswap.pipelines import PipelineNotFoundError, PipelineSpec
+    from pytest_hotswap.pipelines.families_driver import UnsupportedPipelineError
 
     try:
         spec = config.hook.pytest_hotswap_build_pipeline(name=name, options=options)
     except PipelineNotFoundError as error:
         raise pytest.UsageError(f"--hotswap-pipelines: {error}") from None
+    except UnsupportedPipelineError as error:
+        raise pytest.UsageError(f"--hotswap-pipelines: {name!r}: {error}") from None
     if not isinstance(spec, PipelineSpec):
         raise TypeError(
             f"pytest_hotswap_build_pipeline returned {type(spec).__name__} for {name!r}; "
@@ -335,98 +322,6 @@ def build_spec(config: pytest.Config, name: str, options: opts.HotswapOptions) -
 
 
 # --- options -----------------------------------------------------------------------------------------
-
-
-def read_options(config: pytest.Config) -> opts.HotswapOptions:
-    """Command line beats ini beats default; each bad value is a usage error naming its source.
-
-    ``auto`` device and dtype stay ``auto`` (resolving them imports torch), and so does an
-    ``auto`` max rank (the session resolves it against the catalog it reads).
-    """
-    values: dict[str, object] = {}
-    for option in opts.OPTIONS:
-        raw = config.getoption(option.ini)
-        source = option.cli
-        if raw is None:
-            raw = config.getini(option.ini)
-            source = f"ini option {option.ini}"
-            if option.path and raw:  # relative to the ini file, like pytest's own paths
-                raw = str(_ini_dir(config) / str(raw))
-        if raw is None or raw == "" or raw == []:
-            continue
-        if option.flag:
-            values[option.field] = bool(raw)
-            continue
-        try:
-            values[option.field] = option.parse(raw)
-        except ValueError as error:
-            raise pytest.UsageError(f"{source}={raw}: {error}") from None
-    return opts.HotswapOptions(**values)  # type: ignore[arg-type]
-
-
-def _xdist_controller(config: pytest.Config) -> bool:
-    """A pytest-xdist controller: its workers' records come in at the end, whatever it ran."""
-    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
-
-
-def _read_catalog(source: str | None) -> Catalog | None:
-    if source is None:
-        return None
-    from pytest_hotswap.adapters.catalog import CatalogError, load_catalog
-
-    try:
-        return load_catalog(source)
-    except CatalogError as error:
-        raise pytest.UsageError(f"--hotswap-adapters={error}") from None
-
-
-def _check_pipelines(names: tuple[str, ...]) -> None:
-    """A ``--hotswap-pipelines`` entry that looks like a path must be a saved pipeline.
-
-    Reads only ``model_index.json``; registered names and names hooks build are checked when a
-    pipeline is built (hooks may take any name).
-    """
-    if set(names) <= set(opts.PIPELINES.default):
-        return  # the built-in tiny pipelines: nothing to look at
-    from pytest_hotswap.pipelines.saved import (
-        PipelineNotFoundError,
-        find_saved_pipeline,
-        looks_like_path,
-    )
-
-    for name in names:
-        if not looks_like_path(name):
-            continue
-        try:
-            find_saved_pipeline(name)
-        except PipelineNotFoundError as error:
-            raise pytest.UsageError(f"--hotswap-pipelines: {error}") from None
-
-
-def _resolve_max_rank(
-    options: opts.HotswapOptions, catalog: Catalog | None
-) -> tuple[opts.HotswapOptions, str | None]:
-    """``--hotswap-max-rank=auto`` becomes the catalog's largest rank; the second value names the
-    file it came from."""
-    if isinstance(options.max_rank, int):
-        return options, None
-    from pytest_hotswap.adapters.catalog import CatalogError, resolve_max_rank
-
-    try:
-        rank, source = resolve_max_rank(
-            options.max_rank,
-            catalog,
-            flag=opts.MAX_RANK.cli,
-            catalog_flag=f"{opts.ADAPTERS.cli}=DIR|GLOB",
-        )
-    except CatalogError as error:
-        raise pytest.UsageError(str(error)) from None
-    return dataclasses.replace(options, max_rank=rank), source
-
-
-def _ini_dir(config: pytest.Config) -> Path:
-    """The directory ini-given paths are relative to: the ini file's, else the rootdir."""
-    return config.inipath.parent if config.inipath is not None else config.rootpath
 
 
 def no_recompile_marker(
@@ -441,7 +336,8 @@ def no_recompile_marker(
     if unknown or len(marker.args) > 1 or (marker.args and "max_recompiles" in marker.kwargs):
         got = ", ".join([*map(repr, marker.args), *(f"{k}=" for k in unknown)])
         raise pytest.UsageError(
-            f"{where} got unexpected arguments ({got}); accepted: max_recompiles=N, fresh=True|False"
+            f"{where} got unexpected arguments ({got}); accepted: max_recompiles=N, "
+            "fresh=True|False, count_all=True|False"
         )
     value = marker.args[0] if marker.args else marker.kwargs.get("max_recompiles", 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -450,6 +346,16 @@ def no_recompile_marker(
     if not isinstance(fresh, bool):
         raise pytest.UsageError(f"{where}(fresh={fresh!r}): expected True or False")
     return value, fresh
+
+
+def no_recompile_count_all(item: pytest.Item, default: bool) -> bool:
+    """``count_all`` of ``item``'s ``no_recompile`` marker (else ``--hotswap-count-all``)."""
+    marker = item.get_closest_marker("no_recompile")
+    value = default if marker is None else marker.kwargs.get("count_all", default)
+    if not isinstance(value, bool):
+        where = f"{item.nodeid}: @pytest.mark.no_recompile"
+        raise pytest.UsageError(f"{where}(count_all={value!r}): expected True or False")
+    return value
 
 
 def _uses_fixtures(item: pytest.Item) -> bool:

@@ -59,6 +59,8 @@ class TestRecord:
     layout_changes: int = 0
     graph_breaks: int = 0
     compile_s: float = 0.0
+    # no_recompile refused a recompile at its guard: the test stopped there, nothing compiled
+    stopped_at_guard: bool = False
     swaps: list[SwapRecord] = dataclasses.field(default_factory=list)
     events: list[CompileEvent] = dataclasses.field(default_factory=list)
     # What the fixtures put in ``CompileWatcher.context``: pipeline, implementation, backend, device.
@@ -77,6 +79,7 @@ class TestRecord:
             layout_changes=kinds.get(KIND_LAYOUT_CHANGE, 0),
             graph_breaks=watcher.graph_breaks,
             compile_s=watcher.compile_seconds,
+            stopped_at_guard=bool(getattr(watcher, "stopped_at_guard", False)),
             swaps=[SwapRecord(s.label, s.swap_ms) for s in watcher.steps if s.swap_ms is not None],
             events=[event for event in watcher.events if event.is_recompile],
             context={key: _json_value(value) for key, value in watcher.context.items()},
@@ -111,6 +114,11 @@ class TestRecord:
         }
         swaps = _list(where, "swaps", data.get("swaps", []))
         events = _list(where, "events", data.get("events", []))
+        stopped = data.get("stopped_at_guard", False)
+        if not isinstance(stopped, bool):
+            raise ReportError(
+                f"{where}: 'stopped_at_guard' must be true or false, got {show(stopped)}"
+            )
         context = data.get("context", {})
         if not isinstance(context, Mapping):
             raise ReportError(f"{where}: 'context' must be an object, got {show(context)}")
@@ -122,6 +130,7 @@ class TestRecord:
             nodeid=nodeid,
             outcome=outcome,
             compile_s=_seconds(where, "compile_s", data.get("compile_s", 0.0)),
+            stopped_at_guard=stopped,
             swaps=[_swap(where, swap) for swap in swaps],
             events=parsed_events,
             context=dict(context),

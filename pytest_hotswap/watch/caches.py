@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from types import CodeType
 from typing import Any
 
+from pytest_hotswap.watch.events import KIND_CACHE_SWITCH, CompileEvent
+
 #: (code object, isolate_recompiles region id); -1 is the shared default region.
 RegionKey = tuple[CodeType, int]
 Snapshot = dict[RegionKey, tuple[str, ...]]
@@ -93,6 +95,19 @@ class CacheSwitch:
     previous: str
     entry: str
     reasons: tuple[str, ...]
+
+    def event(self, step: str | None) -> CompileEvent:
+        """The failing event this switch is, after ``step``."""
+        return CompileEvent(
+            compile_id=self.entry,
+            frame=self.code.co_name,
+            filename=self.code.co_filename,
+            lineno=self.code.co_firstlineno,
+            kind=KIND_CACHE_SWITCH,
+            reasons=self.reasons,
+            step=step,
+            seconds=0.0,
+        )
 
 
 class CacheTracker:

@@ -31,6 +31,9 @@ FAILING_KINDS = (
 KINDS = (KIND_COMPILE, *FAILING_KINDS)
 #: The kinds that are a compilation of a frame (the others are events around compiled code).
 COMPILING_KINDS = (KIND_COMPILE, KIND_RECOMPILE, KIND_UNOBSERVED)
+#: The kinds a layout change absorbs when they follow it in the same step: the recompile (or the
+#: switch to an older entry) the changed tensors cause is the same incident, counted once.
+CAUSED_BY_LAYOUT = (KIND_RECOMPILE, KIND_CACHE_SWITCH)
 
 KIND_TITLES = {
     KIND_RECOMPILE: "recompile",
@@ -68,6 +71,12 @@ class CompileEvent:
     ``"cudagraph_skip"`` or ``"unobserved"`` (compile metrics logging was turned off inside the
     scope: the watcher was blind). ``reasons`` holds dynamo's full guard-failure texts, the guard
     of the called model first (or, for a layout change, the tensors that changed).
+
+    A layout change and the recompile (or cache switch) it caused are one event: ``caused``
+    describes that recompile (``"recompile 0/3 of wrapper (diffusers/...:300)"``) and ``guards``
+    holds its guard-failure texts; both stay empty when dynamo did not recompile.
+    ``stopped_at_guard``: dynamo refused this recompile at its guard (``no_recompile`` had spent
+    its allowance), so nothing was compiled and the test stopped there.
     """
 
     compile_id: str
@@ -78,11 +87,32 @@ class CompileEvent:
     reasons: tuple[str, ...]
     step: str | None
     seconds: float
+    guards: tuple[str, ...] = ()
+    caused: str | None = None
+    stopped_at_guard: bool = False
 
     @property
     def is_recompile(self) -> bool:
         """Whether this event fails ``no_recompile`` (every kind but a first compile)."""
         return self.kind != KIND_COMPILE
+
+    @property
+    def compiled(self) -> bool:
+        """Whether this event is a compilation that ran (a refused recompile compiled nothing)."""
+        if self.stopped_at_guard:
+            return False
+        caused = self.caused is not None and self.caused.startswith(f"{KIND_RECOMPILE} ")
+        return self.kind in COMPILING_KINDS or caused  # a layout change and its recompile
+
+    def caused_by(self, layout: CompileEvent) -> CompileEvent:
+        """``layout`` (a layout change) carrying this event, the recompile it caused, as one."""
+        return dataclasses.replace(
+            layout,
+            guards=self.reasons,
+            caused=f"{self.kind} {self.compile_id} of {self.location()}",
+            seconds=layout.seconds + self.seconds,
+            stopped_at_guard=self.stopped_at_guard,
+        )
 
     def location(self) -> str:
         """``frame (short/path.py:line)``, the path shortened to what follows site-packages."""
@@ -97,17 +127,32 @@ class CompileEvent:
             return f"{self.kind} {self.compile_id} of {self.location()}{after}: no reason reported"
         more = f" (+{len(self.reasons) - 1} more in the report)" if len(self.reasons) > 1 else ""
         first = shorten_reason(self.reasons[0]) if self.kind in _GUARD_KINDS else self.reasons[0]
-        return f"{self.kind} {self.compile_id} of {self.location()}{after}: {first}{more}"
+        guard = f"; then {self.caused}: {shorten_reason(self.guards[0])}" if self.guards else ""
+        stopped = " (stopped at the guard)" if self.stopped_at_guard else ""
+        return (
+            f"{self.kind} {self.compile_id} of {self.location()}{after}: {first}{more}{guard}"
+            f"{stopped}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "reasons": list(self.reasons)}
+        return {
+            **dataclasses.asdict(self),
+            "reasons": list(self.reasons),
+            "guards": list(self.guards),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CompileEvent:
-        """The inverse of :meth:`to_dict`; a field of the wrong type raises ``ValueError``."""
+        """The inverse of :meth:`to_dict`; a field of the wrong type raises ``ValueError``.
+
+        ``guards``, ``caused`` and ``stopped_at_guard`` may be missing (reports written before
+        they existed); every other field is required.
+        """
         checked: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             if field.name not in data:
+                if field.name in _OPTIONAL_EVENT_FIELDS:
+                    continue
                 raise ValueError(f"event field {field.name!r} is missing")
             checked[field.name] = _check_field(field.name, data[field.name])
         unknown = sorted(set(data) - set(checked))
@@ -124,14 +169,20 @@ _EVENT_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "kind": (str,),
     "step": (str, type(None)),
     "seconds": (int, float),
+    "caused": (str, type(None)),
 }
+_OPTIONAL_EVENT_FIELDS = ("guards", "caused", "stopped_at_guard")
 
 
 def _check_field(name: str, value: Any) -> Any:
-    if name == "reasons":
+    if name in ("reasons", "guards"):
         if not isinstance(value, (list, tuple)) or not all(isinstance(r, str) for r in value):
-            raise ValueError(f"event field 'reasons' must be a list of strings, got {value!r}")
+            raise ValueError(f"event field {name!r} must be a list of strings, got {value!r}")
         return tuple(value)
+    if name == "stopped_at_guard":
+        if not isinstance(value, bool):
+            raise ValueError(f"event field 'stopped_at_guard' must be true or false, got {value!r}")
+        return value
     expected = _EVENT_FIELD_TYPES[name]
     if isinstance(value, bool) or not isinstance(value, expected):
         names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
@@ -163,7 +214,7 @@ def format_report(
     lines = []
     if header:
         seconds = sum(event.seconds for event in events)
-        compiles = sum(event.kind in COMPILING_KINDS for event in events)
+        compiles = sum(event.compiled for event in events)
         lines.append(
             f"{plural(compiles, 'compile')}, {plural(len(failing), 'recompile')}, "
             f"{plural(graph_breaks, 'graph break')}, {seconds:.2f} s compiling"
@@ -186,10 +237,15 @@ def count_kinds(events: Iterable[CompileEvent]) -> dict[str, int]:
 
 def _reason_lines(event: CompileEvent) -> list[str]:
     if not event.reasons:
-        return ["(dynamo gave no reason)"] if event.kind == KIND_RECOMPILE else []
+        lines = ["(dynamo gave no reason)"] if event.kind == KIND_RECOMPILE else []
+        return [*lines, *_stopped_line(event)]
     first, *others = event.reasons
     if event.kind == KIND_LAYOUT_CHANGE:
-        return [f"tensor: {reason}" for reason in event.reasons]
+        lines = [f"tensor: {reason}" for reason in event.reasons]
+        if event.caused is not None:
+            lines.append(f"then {event.caused}")
+            lines.extend(f"guard: {shorten_reason(guard)}" for guard in event.guards[:1])
+        return [*lines, *_stopped_line(event)]
     guard = event.kind in _GUARD_KINDS  # others' reasons are not guard texts
     lines = [f"guard: {shorten_reason(first)}" if guard else first]
     if others and event.kind == KIND_CACHE_SWITCH:
@@ -198,7 +254,17 @@ def _reason_lines(event: CompileEvent) -> list[str]:
         lines.append(
             f"(and {len(others)} older cache {'entry' if len(others) == 1 else 'entries'} failed too)"
         )
-    return lines
+    return [*lines, *_stopped_line(event)]
+
+
+def _stopped_line(event: CompileEvent) -> list[str]:
+    if not event.stopped_at_guard:
+        return []
+    return [
+        "stopped at the guard: the allowance was spent, so this recompile was refused before "
+        "compiling and the test ended here (no_recompile(count_all=True) or --hotswap-count-all "
+        "compiles on and counts every recompile)"
+    ]
 
 
 _MODULE_HOP = re.compile(

@@ -45,6 +45,9 @@ _CONVERT_FRAME_LOGGER = "torch._dynamo.convert_frame"
 _CUDAGRAPHS_LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
 _FUNC_INFO = re.compile(r"'(?P<name>.*)' \((?P<file>.*):(?P<line>\d+)\)$")
 _LIMIT_EXCEEDED = "recompile limit exceeded"
+# The metrics of a recompile ``torch._dynamo.config.error_on_recompile`` refused at its guard,
+# before any tracing: the attempt is recorded with this failure type and no compile time.
+_REFUSED = "RecompileError"
 
 LOCK = threading.RLock()
 
@@ -62,6 +65,7 @@ class Observation:
     failure: str | None = None  # a kind that fails whatever else is known
     first_compile: bool = False  # a backward or compiled-autograd graph: never a recompile
     region_entries: int | None = None  # entries the frame's region held before this compile
+    refused: bool = False  # dynamo refused this recompile at its guard (error_on_recompile)
 
 
 Emit = Callable[[Observation], None]
@@ -225,6 +229,7 @@ class MetricsSource:
         if seconds is None and metrics.start_time_us and metrics.end_time_us:
             seconds = (metrics.end_time_us - metrics.start_time_us) / 1e6
         backward = metrics.is_forward is False
+        refused = metrics.fail_type == _REFUSED
         self._emit(
             Observation(
                 compile_id=compile_id,
@@ -236,6 +241,7 @@ class MetricsSource:
                 failure=None if seen_in_log else KIND_UNOBSERVED,
                 first_compile=backward or compile_id.startswith("!"),
                 region_entries=getattr(metrics, "accumulated_cache_size", None),
+                refused=refused,
             )
         )
 

@@ -8,26 +8,22 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from pytest_hotswap.watch.caches import CacheTracker, region_of
+from pytest_hotswap.watch.counts import EventCounts
 from pytest_hotswap.watch.events import (
-    COMPILING_KINDS,
-    KIND_CACHE_SWITCH,
+    CAUSED_BY_LAYOUT,
     KIND_COMPILE,
+    KIND_LAYOUT_CHANGE,
     KIND_RECOMPILE,
-    KIND_STORM,
-    KIND_UNOBSERVED,
     CompileEvent,
-    RecompileError,
     Step,
-    count_kinds,
-    format_report,
-    plural,
 )
+from pytest_hotswap.watch.guard import GuardRefusal
 from pytest_hotswap.watch.tap import LOCK, Observation, Tap
 
 _COMPILE_ID = re.compile(r"(\d+)/(\d+)$")
 
 
-class CompileWatcher:
+class CompileWatcher(EventCounts):
     """Counts compiles, recompiles and graph breaks while active; re-entrant and nestable.
 
     Use as a context manager. Nested watchers each see the events inside their own scope;
@@ -39,6 +35,11 @@ class CompileWatcher:
     holds a cache entry. At each step and at exit the watcher also reads dynamo's cache lists: a
     frame that, after a step, runs an entry compiled before the scope began instead of the one it
     ran before is a cache switch, which a fresh process would have seen as a recompile.
+
+    A layout change (:meth:`record`) and the recompile or cache switch that follows it in the
+    same step are one event, counted once: a fresh process sees one recompile there.
+    Inside :meth:`fail_at_guard`, the recompile that would go past the allowance is refused at
+    its guard (dynamo's ``error_on_recompile``), before anything is compiled.
     """
 
     _active: ClassVar[list[CompileWatcher]] = []
@@ -54,6 +55,7 @@ class CompileWatcher:
         self._graph_breaks_done = 0  # counted in earlier scopes of this watcher
         self._graph_breaks_at_enter: int | None = None
         self._caches: CacheTracker | None = None
+        self._guard = GuardRefusal()  # inside fail_at_guard: refuses past the allowance
 
     # -- scope ---------------------------------------------------------------------------------
 
@@ -73,6 +75,7 @@ class CompileWatcher:
             if self._depth == 0:
                 _TAP.collect()
                 self.checkpoint()
+                self._guard.stop()
                 self._graph_breaks_done = self.graph_breaks
                 self._graph_breaks_at_enter = None
                 self._caches = None
@@ -97,6 +100,7 @@ class CompileWatcher:
             watcher.steps.append(Step(label, swap_ms))
             watcher._label = label
             watcher._stepped = True
+            watcher._update_refusal()
 
     @contextlib.contextmanager
     def warmup(self, label: str) -> Iterator[None]:
@@ -109,6 +113,7 @@ class CompileWatcher:
             watcher._warmups += 1
             watcher._label = f"warmup: {label}"
             watcher._stepped = False
+            watcher._update_refusal()  # a warm-up compiles first compiles: never refused
         try:
             yield
         finally:
@@ -117,6 +122,7 @@ class CompileWatcher:
                 watcher._warmups -= 1
                 watcher._label = previous
                 watcher._stepped = stepped
+                watcher._update_refusal()
 
     def adopt(self, compiled: Any) -> None:
         """Count the compiled entries ``compiled`` holds now as run by this scope's own setup.
@@ -134,27 +140,14 @@ class CompileWatcher:
     def record(self, event: CompileEvent) -> None:
         """Add an event found outside dynamo (a layout change) to this and enclosing watchers."""
         for watcher in self._chain():
-            watcher.events.append(event)
+            watcher._add(event)
 
     def checkpoint(self) -> None:
         """Read dynamo's cache lists now: a cache switch since the last reading becomes an event."""
         if self._caches is None:
             return
-        switches = self._caches.checkpoint(after_step=self._stepped and not self._warmups)
-        for switch in switches:
-            code = switch.code
-            self.events.append(
-                CompileEvent(
-                    compile_id=switch.entry,
-                    frame=code.co_name,
-                    filename=code.co_filename,
-                    lineno=code.co_firstlineno,
-                    kind=KIND_CACHE_SWITCH,
-                    reasons=switch.reasons,
-                    step=self._label,
-                    seconds=0.0,
-                )
-            )
+        for switch in self._caches.checkpoint(after_step=self._stepped and not self._warmups):
+            self._add(switch.event(self._label))
 
     def _chain(self) -> list[CompileWatcher]:
         """This watcher and every active one that encloses it."""
@@ -162,38 +155,6 @@ class CompileWatcher:
             if self not in CompileWatcher._active:
                 return [self]
             return CompileWatcher._active[: CompileWatcher._active.index(self) + 1]
-
-    # -- counts --------------------------------------------------------------------------------
-
-    @property
-    def compiles(self) -> int:
-        """Every compilation attempt seen, first compiles and recompiles alike."""
-        self._collect()
-        return sum(event.kind in COMPILING_KINDS for event in self.events)
-
-    @property
-    def recompiles(self) -> int:
-        """Every event that fails ``no_recompile``: recompiles, storms, cache switches, layout
-        changes, cudagraph re-records or skips, and compiles the watcher could not see."""
-        self._collect()
-        return sum(event.is_recompile for event in self.events)
-
-    def counts(self) -> dict[str, int]:
-        """How many events of each failing kind happened."""
-        self._collect()
-        return count_kinds(self.events)
-
-    @property
-    def had_storm(self) -> bool:
-        """A frame hit ``recompile_limit``: it runs eagerly from then on and dynamo stops reporting."""
-        self._collect()
-        return any(event.kind == KIND_STORM for event in self.events)
-
-    @property
-    def was_blind(self) -> bool:
-        """Compile metrics logging was turned off (or its logger silenced) inside the scope."""
-        self._collect()
-        return any(event.kind == KIND_UNOBSERVED for event in self.events)
 
     def _collect(self) -> None:
         if self.active:
@@ -205,20 +166,14 @@ class CompileWatcher:
             return self._graph_breaks_done
         return self._graph_breaks_done + max(0, _graph_break_count() - self._graph_breaks_at_enter)
 
-    @property
-    def compile_seconds(self) -> float:
-        return sum(event.seconds for event in self.events)
-
     def _observe(self, observation: Observation) -> None:
         kind = observation.failure or KIND_COMPILE
-        if (
-            kind == KIND_COMPILE
-            and not observation.first_compile
-            and not self._warmups
-            and _is_recompile(observation)
+        if kind == KIND_COMPILE and (
+            observation.refused  # dynamo itself judged it a recompile, and compiled nothing
+            or (not observation.first_compile and not self._warmups and _is_recompile(observation))
         ):
             kind = KIND_RECOMPILE
-        self.events.append(
+        self._add(
             CompileEvent(
                 compile_id=observation.compile_id,
                 frame=observation.frame,
@@ -228,29 +183,66 @@ class CompileWatcher:
                 reasons=observation.reasons,
                 step=self._label,
                 seconds=observation.seconds,
+                stopped_at_guard=observation.refused,
             )
         )
 
-    # -- verdicts ------------------------------------------------------------------------------
+    def _add(self, event: CompileEvent) -> None:
+        """Append ``event``, or fold it into the layout change of this step that caused it."""
+        pending = self._pending_layout() if event.kind in CAUSED_BY_LAYOUT else None
+        if pending is None:
+            self.events.append(event)
+        else:
+            self.events[pending] = event.caused_by(self.events[pending])
+        self._update_refusal()
 
-    def assert_no_recompile(self, max_recompiles: int = 0) -> None:
-        """Raise ``RecompileError`` past ``max_recompiles``; a storm or a blind watcher always fails.
+    def _pending_layout(self) -> int | None:
+        """The index of a layout change of the current step that no recompile has joined yet.
 
-        After a storm dynamo runs the frame eagerly and stops reporting, and a watcher that missed
-        compiles cannot tell recompiles apart: in both cases no count is trustworthy.
+        A swap records its layout change, then labels its step: what follows under that label
+        (the next call's recompile, or its switch to an older entry) is what the change caused.
         """
-        __tracebackhide__ = True
-        self.checkpoint()
-        if self.recompiles > max_recompiles or self.had_storm or self.was_blind:
-            allowed = f"{max_recompiles} allowed" if max_recompiles else "none allowed"
-            raise RecompileError(
-                f"{plural(self.recompiles, 'recompile')} ({allowed})\n{self.report()}"
-            )
+        for index in range(len(self.events) - 1, -1, -1):
+            event = self.events[index]
+            if event.kind == KIND_LAYOUT_CHANGE and event.caused is None:
+                return index if event.step == self._label else None
+        return None
 
-    def report(self) -> str:
-        """A summary line, then each recompile (or other failing event) grouped by its step."""
-        self._collect()
-        return "\n".join(format_report(self.events, self.graph_breaks))
+    # -- failing at the guard ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def fail_at_guard(self, max_recompiles: int = 0) -> Iterator[None]:
+        """Inside, the recompile that would go past ``max_recompiles`` is refused at its guard.
+
+        Dynamo then raises ``torch._dynamo.exc.RecompileError`` naming the guard, before any
+        tracing or compiling; the refused attempt is an event with ``stopped_at_guard``. The
+        first ``max_recompiles`` recompiles compile as usual, and so does the one a pending
+        layout change caused (it joins that event, which is already counted). First compiles,
+        warm-ups and storms of frames still within the allowance are never refused. Cache
+        switches, layout changes and cudagraph events count towards the allowance but cannot be
+        stopped: they fail the verdict afterwards. ``error_on_recompile`` is put back on exit.
+        """
+        if not self.active:
+            raise RuntimeError("fail_at_guard() needs an active CompileWatcher (use it inside)")
+        with LOCK:
+            outer = self._guard.start(max_recompiles)
+            self._update_refusal()
+        try:
+            yield
+        finally:
+            with LOCK:
+                if outer is None:
+                    self._guard.stop()
+                else:
+                    self._guard.allowance = outer
+                    self._update_refusal()
+
+    def _update_refusal(self) -> None:
+        self._guard.update(
+            spent=sum(event.is_recompile for event in self.events),
+            pending_layout=self._pending_layout() is not None,
+            warming_up=bool(self._warmups),
+        )
 
 
 def _is_recompile(observation: Observation) -> bool:

@@ -1,0 +1,52 @@
+"""Failing at the guard: refuse the recompile that would spend more than a test's allowance.
+
+Dynamo's ``error_on_recompile`` makes a guard failure raise ``torch._dynamo.exc.RecompileError``
+naming the guard, before any tracing or compiling, and leaves first compiles alone. The setting
+is ``compile_ignored``: switching it throws no compiled code away. A :class:`GuardRefusal`
+switches it on exactly when the next recompile would go past the allowance, from the watcher's
+own count, and puts the earlier value back at the end.
+"""
+
+from __future__ import annotations
+
+
+class GuardRefusal:
+    """The allowance of one :class:`~pytest_hotswap.watch.CompileWatcher` and dynamo's flag."""
+
+    def __init__(self) -> None:
+        self.allowance: int | None = None  # recompiles allowed; None: not refusing
+        self._flag_before: bool | None = None  # error_on_recompile before the first start
+
+    def start(self, max_recompiles: int) -> int | None:
+        """Refuse past ``max_recompiles`` from now on; returns the enclosing allowance."""
+        import torch._dynamo
+
+        outer = self.allowance
+        if outer is None:
+            self._flag_before = bool(torch._dynamo.config.error_on_recompile)
+        self.allowance = max_recompiles
+        return outer
+
+    def update(self, *, spent: int, pending_layout: bool, warming_up: bool) -> None:
+        """Set the flag for the next recompile: on once it would spend too much.
+
+        The recompile a pending layout change causes costs nothing (it joins that event, already
+        counted); a warm-up compiles first compiles and is never refused.
+        """
+        if self.allowance is None:
+            return
+        import torch._dynamo
+
+        cost = 0 if pending_layout else 1
+        refuse = not warming_up and spent + cost > self.allowance
+        torch._dynamo.config.error_on_recompile = bool(self._flag_before) or refuse
+
+    def stop(self) -> None:
+        """Put dynamo's flag back as it was before the first :meth:`start`."""
+        if self.allowance is None:
+            return
+        import torch._dynamo
+
+        torch._dynamo.config.error_on_recompile = bool(self._flag_before)
+        self.allowance = None
+        self._flag_before = None
