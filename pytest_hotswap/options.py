@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from pytest_hotswap.reference import DEFAULT_MAX_RANK
+
 BACKENDS = ("eager", "aot_eager", "inductor")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICES = ("auto", "cpu", "cuda")
@@ -168,7 +170,7 @@ class Option:
 
 MAX_RANK = Option(
     "max-rank",
-    128,
+    DEFAULT_MAX_RANK,
     parse_max_rank_or_auto,
     "Rank every LoRA is padded to before compiling; auto: the largest rank in --hotswap-adapters",
 )

@@ -137,3 +137,16 @@ def verified_stack(defects: Iterable[KnownDefect], stack: Mapping[str, str] | No
     """Whether the stack is inside the verified ranges of every known defect given."""
     stack = installed_stack() if stack is None else stack
     return all(defect.verified_on(stack) for defect in defects)
+
+
+def stack_verdict(defects: Iterable[KnownDefect], stack: Mapping[str, str] | None = None) -> str:
+    """The one sentence saying whether the stack is verified for ``defects`` (where a known defect
+    is a strict expectation), as the conformance matrix prints it after the stack."""
+    defects = list(defects)
+    if not defects:
+        return "no known defects to verify"
+    if verified_stack(defects, stack):
+        return "verified: the known defects were reproduced on these versions"
+    return (
+        "not verified: known defects are expected loosely, a vanished one reads 'fixed upstream?'"
+    )

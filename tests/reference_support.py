@@ -142,7 +142,8 @@ def parameter_identity(
 
 @contextlib.contextmanager
 def compile_environment() -> Iterator[None]:
-    """What every reference test module compiles under; each wraps it in a module fixture.
+    """What every reference test module compiles under (the ``reference_compile_environment``
+    fixture of tests/conftest.py, which each asks for in its ``pytestmark``).
 
     diffusers is quieted (every SD load logs about the text encoder) and dynamo's
     ``recompile_limit`` raised: every diffusers model compiles the same frame, so all models of

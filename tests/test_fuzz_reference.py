@@ -1,8 +1,8 @@
 """Fuzzing the reference hotswap with malformed adapters (issue 14).
 
-Hypothesis builds adapters that are wrong in one to three ways, as state dicts, as files and as
-truncated files, and adapter metadata with fields of the wrong type, invalid patterns and
-overflowing alphas. Every one must raise a ``HotswapError`` and leave the compiled tiny UNet /
+The one fuzzer of malformed adapters. Hypothesis builds adapters that are wrong in one to three
+ways, as state dicts, as files and as truncated files, and adapter metadata with fields of the
+wrong type, invalid patterns and overflowing alphas. Every one must raise a ``HotswapError`` and leave the compiled tiny UNet /
 Flux transformer bit-for-bit as it was, with the same tensor objects and storage, still giving
 its first output without a recompile.
 
@@ -24,12 +24,16 @@ import safetensors.torch
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from reference_support import ARCHS, Served, compile_environment, write_with_metadata
+from reference_support import ARCHS, Served, write_with_metadata
 
+from pytest_hotswap.adapters import lora_targets
 from pytest_hotswap.reference import HotswapError, hotswap
 
 # Its module fixtures are built once, on one worker.
-pytestmark = pytest.mark.xdist_group("fuzz_reference")
+pytestmark = [
+    pytest.mark.usefixtures("reference_compile_environment"),
+    pytest.mark.xdist_group("fuzz_reference"),
+]
 
 MAX_RANK = 8
 RANK = 4
@@ -40,12 +44,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_environment():
-    with compile_environment():
-        yield
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
@@ -59,6 +57,7 @@ def served(request, tmp_path_factory) -> Served:
 _STATE_DEFECTS = [
     "shape",
     "extra",
+    "unknown_part",
     "non_finite",
     "overflow",
     "rank",
@@ -100,9 +99,10 @@ _CARRIERS = st.tuples(
 
 
 def _malformed(
-    state: dict[Any, Any], prefix: str, defects: list[tuple[str, int, int]]
+    state: dict[Any, Any], prefix: str, targets: list[str], defects: list[tuple[str, int, int]]
 ) -> dict[Any, Any]:
-    """The first adapter (diffusers keys) with ``defects`` applied one after the other."""
+    """The first adapter (diffusers keys) with ``defects`` applied one after the other;
+    ``targets`` are the modules a LoRA may target in the model (without ``prefix``)."""
     state = dict(state)
     for kind, pick, size in defects:
         keys = sorted(k for k in state if isinstance(k, str))
@@ -116,6 +116,9 @@ def _malformed(
             state[key] = torch.zeros(shape)
         elif kind == "extra":
             state[f"{prefix}.no_such_layer_{pick}.lora_A.weight"] = torch.zeros(2, 2)
+        elif kind == "unknown_part":  # a LoRA part no format has, on a real or unknown layer
+            name = [*targets, "no_such.layer"][pick % (len(targets) + 1)]
+            state[f"{prefix}.{name}.lora_Z.weight"] = torch.zeros(2, 2)
         elif kind == "non_finite":
             value = (float("nan"), float("inf"), -float("inf"))[size % 3]
             state[key] = torch.full(_shape(tensor), value)
@@ -132,7 +135,8 @@ def _malformed(
         elif kind == "text_encoder":
             state[_TEXT_ENCODER_KEYS[pick % len(_TEXT_ENCODER_KEYS)]] = torch.zeros(4, 32)
         elif kind == "dtype":
-            state[key] = torch.zeros(_shape(tensor), dtype=(torch.int64, torch.bool)[size % 2])
+            dtype = (torch.int64, torch.bool, torch.complex64)[size % 3]
+            state[key] = torch.zeros(_shape(tensor), dtype=dtype)
         elif kind == "alpha_values":
             state[f"{layer}.alpha"] = torch.ones(size + 1)
         elif kind == "alpha_non_finite":
@@ -172,13 +176,14 @@ def _shape(value: Any) -> tuple[int, ...]:
 def test_fuzzed_state_dicts_are_refused_and_change_nothing(served, tmp_path_factory) -> None:
     directory: Path = tmp_path_factory.mktemp("malformed")
     check = served.untouched()
+    targets = lora_targets(served.arch.build())
 
     @FUZZ
     @given(defects=_DEFECTS, carrier=_CARRIERS)
     def fuzz(defects: list[tuple[str, int, int]], carrier: tuple[str, float]) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # sparse CSR / nested are "beta"
-            adapter: Any = _malformed(served.state, served.arch.prefix, defects)
+            adapter: Any = _malformed(served.state, served.arch.prefix, targets, defects)
         how, cut = carrier
         if any(kind in _DICT_ONLY for kind, _, _ in defects):
             how = "dict"

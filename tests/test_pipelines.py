@@ -344,6 +344,19 @@ def test_unknown_names_are_refused_with_the_known_ones() -> None:
         build_hotswap_pipeline(spec, "nope", {}, OPTIONS)
 
 
+def test_a_given_preparation_is_not_mixed_with_other_preparation_arguments() -> None:
+    from pytest_hotswap.implementations import Preparation
+
+    spec = PipelineSpec(name="never", denoiser=TinyDenoiser(), run=lambda: torch.ones(1))
+    with pytest.raises(ValueError, match="either preparation or targets / text_encoder / slots"):
+        build_hotswap_pipeline(
+            spec, "reference", {}, OPTIONS, slots=2, preparation=Preparation(MAX_RANK)
+        )
+    with pytest.raises(ValueError, match=r"preparation.max_rank=8 but options.max_rank=32"):
+        build_hotswap_pipeline(spec, "reference", {}, OPTIONS, preparation=Preparation(8))
+    assert not any("lora" in name for name, _ in spec.denoiser.named_modules())
+
+
 def test_describe_adapter_names_file_and_rank(loras: dict) -> None:
     assert describe_adapter(loras["sd", "r16"]) == f"{loras['sd', 'r16'].stem} (rank 16)"
     assert describe_adapter({"a.lora_A.weight": torch.zeros(4, 8)}) == "state dict (rank 4)"

@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_support import ARCHS, Arch, compile_environment, parameter_identity
+from reference_support import ARCHS, Arch, parameter_identity
 
 from pytest_hotswap.adapters import lora_targets, make_lora
 from pytest_hotswap.reference import hotswap, prepare_for_hotswap, set_lora_scale
 from pytest_hotswap.watch import CompileWatcher
 
 # Its module fixtures are built once, on one worker.
-pytestmark = pytest.mark.xdist_group("reference")
+pytestmark = [
+    pytest.mark.usefixtures("reference_compile_environment"),
+    pytest.mark.xdist_group("reference"),
+]
 
 MAX_RANK = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_environment():
-    with compile_environment():
-        yield
+def test_the_module_compiles_in_the_reference_compile_environment() -> None:
+    # reference_support.compile_environment raises it from dynamo's default of 8
+    assert torch._dynamo.config.recompile_limit == 64
 
 
 def _sequence(arch: Arch, directory) -> list[tuple[str, object]]:

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_support import ARCHS, Arch, compile_environment
+from reference_support import ARCHS, Arch
 
 from pytest_hotswap.adapters import make_lora
 from pytest_hotswap.reference import hotswap, prepare_for_hotswap
 from pytest_hotswap.watch import CompileWatcher
 
+pytestmark = pytest.mark.usefixtures("reference_compile_environment")
+
 MAX_RANK = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_environment():
-    with compile_environment():
-        yield
 
 
 def _adapters(arch: Arch, directory) -> list:

@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from reference_support import ARCHS, compile_environment, model_checksum
+from reference_support import ARCHS, model_checksum
 
-from pytest_hotswap.adapters import lora_targets, make_lora
+from pytest_hotswap.adapters import make_lora
 from pytest_hotswap.reference import (
     AdapterNotFoundError,
     AlreadyCompiledError,
@@ -31,16 +29,13 @@ from pytest_hotswap.reference import (
 from pytest_hotswap.watch import CompileWatcher
 
 # Its module fixtures are built once, on one worker.
-pytestmark = pytest.mark.xdist_group("reference_errors")
+pytestmark = [
+    pytest.mark.usefixtures("reference_compile_environment"),
+    pytest.mark.xdist_group("reference_errors"),
+]
 
 MAX_RANK = 8
 UNET = ARCHS["unet"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_environment():
-    with compile_environment():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -341,85 +336,3 @@ def test_an_adapter_loaded_again_after_prepare_must_be_prepared_again(files, rem
     prepare_for_hotswap(model, MAX_RANK)  # the adapter loaded now, padded and indexed
     hotswap(compiled, files["first"])
     torch.testing.assert_close(UNET.run(model), UNET.run(UNET.with_lora(files["first"])))
-
-
-# -- property: any malformed adapter is a HotswapError and leaves the model untouched ----------
-
-_TEXT_ENCODER_KEYS = [
-    "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight",
-    "text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_A.weight",
-    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
-    "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
-]
-
-
-_DEFECTS = st.lists(
-    st.tuples(
-        st.sampled_from(["shape", "extra", "nan", "rank", "text_encoder", "dtype"]),
-        st.integers(0, 10**6),  # picks the key (and anything else the defect needs)
-        st.integers(1, 8),  # how large the defect is
-    ),
-    min_size=1,
-    max_size=3,
-)
-_CARRIERS = st.tuples(
-    st.sampled_from(["dict", "file", "truncated"]), st.floats(0, 1, exclude_max=True)
-)
-
-
-def _malformed(
-    state: dict[str, torch.Tensor], targets: list[str], defects: list[tuple[str, int, int]]
-) -> dict[str, torch.Tensor]:
-    """A valid adapter (diffusers keys) with ``defects`` applied one after the other."""
-    state = dict(state)
-    for kind, pick, size in defects:
-        keys = sorted(state)
-        key = keys[pick % len(keys)]
-        tensor = state[key]
-        if kind == "shape":
-            shape = list(tensor.shape)
-            shape[1 + pick % (tensor.dim() - 1) if ".lora_A." in key else 0] += size
-            state[key] = torch.zeros(shape)
-        elif kind == "extra":
-            name = [*targets, "no_such.layer"][pick % (len(targets) + 1)]
-            state[f"unet.{name}.lora_Z.weight"] = torch.zeros(2, 2)
-        elif kind == "nan":
-            state[key] = torch.full(
-                tensor.shape, (float("nan"), float("inf"), -float("inf"))[size % 3]
-            )
-        elif kind == "rank":
-            layers = sorted({k.rsplit(".lora_", 1)[0] for k in keys if ".lora_A." in k})
-            layer, rank = layers[pick % len(layers)], MAX_RANK + size
-            a, b = state[f"{layer}.lora_A.weight"], state.get(f"{layer}.lora_B.weight", tensor)
-            state[f"{layer}.lora_A.weight"] = torch.zeros(rank, *a.shape[1:])
-            state[f"{layer}.lora_B.weight"] = torch.zeros(b.shape[0], rank, *b.shape[2:])
-        elif kind == "text_encoder":
-            state[_TEXT_ENCODER_KEYS[pick % len(_TEXT_ENCODER_KEYS)]] = torch.zeros(4, 32)
-        else:
-            state[key] = tensor.to((torch.int64, torch.bool, torch.complex64)[size % 3])
-    return state
-
-
-def test_any_malformed_adapter_is_a_hotswap_error_and_changes_nothing(
-    served, first_state, tmp_path_factory
-) -> None:
-    model, _, _ = served
-    compiled = served[1]
-    checksum = model_checksum(model)
-    targets = lora_targets(UNET.build())
-    directory = tmp_path_factory.mktemp("malformed")
-
-    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(defects=_DEFECTS, carrier=_CARRIERS)
-    def check(defects: list[tuple[str, int, int]], carrier: tuple[str, float]) -> None:
-        adapter: dict[str, torch.Tensor] | Path = _malformed(first_state, targets, defects)
-        how, cut = carrier
-        if how != "dict":
-            data = safetensors.torch.save({k: v.contiguous() for k, v in adapter.items()})
-            adapter = directory / "adapter.safetensors"
-            adapter.write_bytes(data[: int(cut * len(data))] if how == "truncated" else data)
-        with pytest.raises(HotswapError):
-            hotswap(compiled, adapter)
-        assert model_checksum(model) == checksum
-
-    check()

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from reference_support import ARCHS, Served, compile_environment, write_with_metadata
+from reference_support import ARCHS, Served, write_with_metadata
 
 from pytest_hotswap.adapters import make_lora
 from pytest_hotswap.reference import (
@@ -21,15 +21,12 @@ from pytest_hotswap.reference import (
 )
 
 # Its module fixtures are built once, on one worker.
-pytestmark = pytest.mark.xdist_group("reference_inputs")
+pytestmark = [
+    pytest.mark.usefixtures("reference_compile_environment"),
+    pytest.mark.xdist_group("reference_inputs"),
+]
 
 MAX_RANK = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_environment():
-    with compile_environment():
-        yield
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))

@@ -10,7 +10,6 @@ import torch
 from reference_support import (
     ARCHS,
     Arch,
-    compile_environment,
     model_checksum,
     parameter_identity,
     tensor_layout,
@@ -23,15 +22,10 @@ from pytest_hotswap.watch import CompileWatcher
 MAX_RANK = 8
 # diffusers' own loads of a second adapter into a model (the expected outputs) make PEFT warn.
 pytestmark = [
+    pytest.mark.usefixtures("reference_compile_environment"),
     pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute"),
     pytest.mark.xdist_group("reference_slots"),  # module fixtures: built once, on one worker
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_environment():
-    with compile_environment():
-        yield
 
 
 def _adapters(arch: Arch, directory) -> dict[str, object]:

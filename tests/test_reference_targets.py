@@ -9,7 +9,6 @@ import torch
 from reference_support import (
     ARCHS,
     Arch,
-    compile_environment,
     model_checksum,
     parameter_identity,
     tensor_layout,
@@ -27,15 +26,12 @@ from pytest_hotswap.reference import (
 from pytest_hotswap.watch import CompileWatcher
 
 # Its module fixtures are built once, on one worker.
-pytestmark = pytest.mark.xdist_group("reference_targets")
+pytestmark = [
+    pytest.mark.usefixtures("reference_compile_environment"),
+    pytest.mark.xdist_group("reference_targets"),
+]
 
 MAX_RANK = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_environment():
-    with compile_environment():
-        yield
 
 
 def _disjoint(arch: Arch, directory) -> tuple[list[str], list[str], dict[str, object]]:

@@ -14,7 +14,6 @@ import pytest
 import safetensors.torch
 import torch
 from reference_support import (
-    compile_environment,
     model_checksum,
     parameter_identity,
     read_metadata,
@@ -39,16 +38,11 @@ from pytest_hotswap.watch import CompileWatcher
 MAX_RANK = 8
 # diffusers' own loads of a second adapter into a model (the expected outputs) make PEFT warn.
 pytestmark = [
+    pytest.mark.usefixtures("reference_compile_environment"),
     pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute"),
     pytest.mark.xdist_group("reference_text_encoder"),  # module fixtures: built once, on one worker
 ]
 TOKENS = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_environment():
-    with compile_environment():
-        yield
 
 
 @pytest.fixture(scope="module")

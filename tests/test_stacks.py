@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pytest_hotswap.cli import main
-from pytest_hotswap.stacks import KnownDefect, too_old, verified_stack
+from pytest_hotswap.stacks import KnownDefect, stack_verdict, too_old, verified_stack
 
 PINNED = {"torch": "2.13.0+cpu", "diffusers": "0.42.1", "peft": "0.21.2", "transformers": "5.23.0"}
 DEFECT = KnownDefect(
@@ -34,6 +34,16 @@ def test_a_defect_is_verified_only_inside_every_range(changes, verified):
     stack = {k: v for k, v in {**PINNED, **changes}.items() if v is not None}
     assert DEFECT.verified_on(stack) is verified
     assert verified_stack([DEFECT], stack) is verified
+
+
+def test_the_stack_verdict_is_one_sentence_for_each_case():
+    assert stack_verdict([DEFECT], PINNED) == (
+        "verified: the known defects were reproduced on these versions"
+    )
+    assert stack_verdict([DEFECT], {**PINNED, "diffusers": "0.43.0"}) == (
+        "not verified: known defects are expected loosely, a vanished one reads 'fixed upstream?'"
+    )
+    assert stack_verdict([], PINNED) == "no known defects to verify"
 
 
 def test_too_old_names_the_package_the_version_found_and_the_one_needed():
@@ -90,7 +100,7 @@ FABRICATED = """
 import pytest
 
 from pytest_hotswap import stacks
-from pytest_hotswap.conformance.conftest import NotRejectedError, expect_defect
+from pytest_hotswap.conformance.support import NotRejectedError, expect_defect
 from pytest_hotswap.stacks import KnownDefect
 
 pytest_plugins = ["pytest_hotswap.conformance.conftest"]

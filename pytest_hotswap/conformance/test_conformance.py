@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pytest_hotswap.conformance.conftest import (
+from pytest_hotswap.conformance.support import (
     VERDICT_PROPERTY,
     ModelChangedError,
     NotRejectedError,

@@ -175,20 +175,24 @@ class PipelineCache:
         except KeyError as error:
             raise UnknownImplementationError(error.args[0]) from None
         options = configuration.options
-        # Refused before anything is built: UnsupportedFeatureError names what is missing.
-        implementation.check(
-            Preparation(
-                options.max_rank,
-                configuration.targets,
-                configuration.text_encoder,
-                configuration.slots,
-            )
+        preparation = Preparation(
+            options.max_rank,
+            configuration.targets,
+            configuration.text_encoder,
+            configuration.slots,
         )
+        # Refused before anything is built: UnsupportedFeatureError names what is missing.
+        implementation.check(preparation)
         spec = self.build_spec(configuration.name, options)
-        targets = configuration.targets
         chose_layers = configuration.first_targets != "all"
-        if targets is None and not chose_layers and FEATURE_TARGETS in implementation.features:
-            targets = self._catalog_targets(spec, configuration)
+        if (
+            preparation.targets is None
+            and not chose_layers
+            and FEATURE_TARGETS in implementation.features  # checked: targets are supported
+        ):
+            catalog_targets = self._catalog_targets(spec, configuration)
+            if catalog_targets is not None:
+                preparation = dataclasses.replace(preparation, targets=catalog_targets)
         first: Any = configuration.first_lora
         if first is None:
             rank = min(FIRST_ADAPTER_RANK, options.max_rank)
@@ -199,13 +203,7 @@ class PipelineCache:
                 text_encoder=configuration.text_encoder,
             )
         pipeline = build_hotswap_pipeline(
-            spec,
-            implementation,
-            first,
-            options,
-            targets=targets,
-            text_encoder=configuration.text_encoder,
-            slots=configuration.slots,
+            spec, implementation, first, options, preparation=preparation
         )
         pipeline.source = configuration.name
         return pipeline

@@ -12,16 +12,14 @@ import torch
 
 from pytest_hotswap.adapters.loading import LoraSource, describe_adapter
 from pytest_hotswap.implementations import Implementation, Preparation
+from pytest_hotswap.pipelines.layout import TensorLayout, lora_layout, record_layout_change
 from pytest_hotswap.pipelines.registry import PipelineSpec
 from pytest_hotswap.reference.components import unwrap_compiled
-from pytest_hotswap.watch import KIND_LAYOUT_CHANGE, CompileEvent, CompileWatcher
+from pytest_hotswap.watch import CompileWatcher
 from pytest_hotswap.watch.caches import entries_of_region, region_of
 
 if TYPE_CHECKING:
     from pytest_hotswap.options import HotswapOptions
-
-#: (object id, shape, dtype, device, storage pointer) of one LoRA tensor.
-TensorLayout = tuple[int, tuple[int, ...], torch.dtype, torch.device, int]
 
 
 @dataclasses.dataclass(eq=False)
@@ -233,75 +231,18 @@ class HotswapPipeline:
 
     def lora_layout(self) -> dict[str, TensorLayout]:
         """Every LoRA tensor of the compiled modules: object, shape, dtype, device, storage."""
-        layout: dict[str, TensorLayout] = {}
         # With several denoisers, each tensor is named by its denoiser (transformer_2.blocks...).
-        several = len(self.spec.denoisers) > 1
-        owners = dict(zip(map(id, self.spec.denoisers), self.spec.denoiser_names(), strict=True))
-        for module in self.compiled_modules:
-            prefix = f"{owners[id(module)]}." if several and id(module) in owners else ""
-            module = unwrap_compiled(module)
-            for name, tensor in module.named_parameters():
-                if ".lora_" in name:
-                    layout[prefix + name] = (
-                        id(tensor),
-                        tuple(tensor.shape),
-                        tensor.dtype,
-                        tensor.device,
-                        tensor.untyped_storage().data_ptr(),
-                    )
-        return layout
+        denoisers = self.spec.denoisers
+        owners = dict(zip(map(id, denoisers), self.spec.denoiser_names(), strict=True))
+        return lora_layout(self.compiled_modules, owners if len(denoisers) > 1 else {})
 
     def layout_changed(self) -> bool:
         """Whether a LoRA tensor changed object, shape, dtype, device or storage since the build."""
         return self.lora_layout() != self._layout
 
     def _check_layout(self, before: dict[str, TensorLayout], label: str) -> None:
-        now = self.lora_layout()
-        if now == before:
-            return
-        reasons = _layout_differences(before, now)
-        watcher = CompileWatcher.current()
-        if watcher is not None:
-            watcher.record(
-                CompileEvent(
-                    compile_id="-",
-                    frame=f"{self.name}-{self.implementation}",
-                    filename="",
-                    lineno=0,
-                    kind=KIND_LAYOUT_CHANGE,
-                    reasons=tuple(reasons),
-                    step=label,
-                    seconds=0.0,
-                )
-            )
-
-
-def _layout_differences(
-    before: dict[str, TensorLayout], now: dict[str, TensorLayout], limit: int = 5
-) -> list[str]:
-    changes = []
-    for name in sorted(before.keys() | now.keys()):
-        old, new = before.get(name), now.get(name)
-        if old == new:
-            continue
-        if old is None or new is None:
-            changes.append(f"{name}: {'added' if old is None else 'removed'}")
-            continue
-        what = [
-            f"{label} {_show(a)} -> {_show(b)}"
-            for label, a, b in zip(("shape", "dtype", "device"), old[1:4], new[1:4], strict=True)
-            if a != b
-        ]
-        if not what:
-            what = ["replaced by another tensor" if old[0] != new[0] else "moved to other storage"]
-        changes.append(f"{name}: {', '.join(what)}")
-    if len(changes) > limit:
-        changes = [*changes[:limit], f"... and {len(changes) - limit} more LoRA tensors"]
-    return changes
-
-
-def _show(value: Any) -> str:
-    return str(tuple(value)) if isinstance(value, tuple) else str(value)
+        frame = f"{self.name}-{self.implementation}"
+        record_layout_change(before, self.lora_layout(), frame, label)
 
 
 def _first_tensor(out: Any) -> torch.Tensor:

@@ -36,23 +36,37 @@ def build_hotswap_pipeline(
     targets: tuple[str, ...] | None = None,
     text_encoder: bool = False,
     slots: int = 1,
+    preparation: Preparation | None = None,
 ) -> HotswapPipeline:
-    """Make ``spec`` hotswap-ready: prepare, load ``first_lora``, quantize, compile, warm up."""
+    """Make ``spec`` hotswap-ready: prepare, load ``first_lora``, quantize, compile, warm up.
+
+    ``preparation``: one the caller built and checked against ``implementation`` already (the
+    pipeline cache does, before it builds the spec), instead of ``targets``, ``text_encoder`` and
+    ``slots``.
+    """
     from pytest_hotswap import implementations
     from pytest_hotswap.pipelines.ready import HotswapPipeline
 
     if isinstance(implementation, str):
         implementation = implementations.get(implementation)
     options = options.resolved()
-    preparation = Preparation(options.max_rank, targets, text_encoder, slots)
-    implementation.check(preparation)
+    if preparation is None:
+        preparation = Preparation(options.max_rank, targets, text_encoder, slots)
+        implementation.check(preparation)
+    elif (targets, text_encoder, slots) != (None, False, 1):
+        raise ValueError("pass either preparation or targets / text_encoder / slots, not both")
+    elif preparation.max_rank != options.max_rank:
+        raise ValueError(
+            f"preparation.max_rank={preparation.max_rank} but options.max_rank="
+            f"{options.max_rank}; build the preparation from the same options"
+        )
     check_quantization(options.quantize, options.device)  # before the spec is changed
     check_compile_scope(spec, options.compile_scope)
     implementation.check_spec(spec)
     implementation.before_load(spec, preparation)
     implementation.load_first(spec, first_lora)
     implementation.after_load(spec, preparation)
-    if slots > 1:
+    if preparation.slots > 1:
         implementation.load_slots(spec, first_lora, preparation)
     for denoiser in spec.denoisers:  # Wan 2.2: both experts
         quantize_denoiser(denoiser, options.quantize)
@@ -63,11 +77,13 @@ def build_hotswap_pipeline(
             fullgraph=spec.fullgraph,
             scope=options.compile_scope,
         )
-    if text_encoder:  # whole under either scope: CLIP and T5 declare no _repeated_blocks
+    if (
+        preparation.text_encoder
+    ):  # whole under either scope: CLIP and T5 declare no _repeated_blocks
         for encoder in spec.text_encoders().values():
             compile_denoiser(encoder, options.backend, options.mode, fullgraph=False)
     pipeline = HotswapPipeline(spec, implementation, options, first_lora, preparation)
-    if slots > 1:
+    if preparation.slots > 1:
         pipeline.reset_strengths()
     pipeline.warm_up()
     return pipeline

@@ -36,6 +36,10 @@ from pytest_hotswap.reference.errors import (
     UnexpectedTargetsError,
 )
 
+#: The rank ``prepare_for_hotswap`` pads to when it is given none (the plugin's
+#: ``--hotswap-max-rank`` default too).
+DEFAULT_MAX_RANK = 128
+
 # The functions import torch: loaded on first use, so importing the errors stays light.
 _FUNCTIONS = {
     "prepare_for_hotswap": "pytest_hotswap.reference.prepare",
@@ -45,6 +49,7 @@ _FUNCTIONS = {
 }
 
 __all__ = [
+    "DEFAULT_MAX_RANK",
     "AdapterNotFoundError",
     "AlreadyCompiledError",
     "HotswapError",

@@ -1,8 +1,8 @@
-"""The ``pytest-hotswap`` command: compare two reports, inspect LoRA adapter files or a catalog.
+"""``pytest-hotswap inspect``: plan a hotswap of LoRA files or a catalog from their headers.
 
-``inspect`` reads safetensors headers only (names, shapes, metadata, kohya's alpha scalars); no
-weight is loaded, so it is instant on multi-GB adapters and safe on files of unknown origin, and
-anything but a regular ``.safetensors`` file is refused unopened. No pytest, no torch.
+Headers only (names, shapes, metadata, kohya's alpha scalars); no weight is loaded, so it is
+instant on multi-GB adapters and safe on files of unknown origin, and anything but a regular
+``.safetensors`` file is refused unopened. No pytest, no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from pytest_hotswap.adapters.catalog import (
     Catalog,
@@ -31,24 +31,6 @@ from pytest_hotswap.implementations import (
     ReferenceImplementation,
 )
 from pytest_hotswap.options import MAX_RANK, parse_max_rank_or_auto
-from pytest_hotswap.report import (
-    DEFAULT_FAIL_ON,
-    Report,
-    ReportError,
-    Threshold,
-    compare,
-    parse_fail_on,
-)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with the error first and the usage after it, not the other way round."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n{self.format_usage()}")
-
-
-# --- inspect -------------------------------------------------------------------------------------
 
 REFERENCE = ReferenceImplementation.inspect_label
 DIFFUSERS = DiffusersImplementation.inspect_label
@@ -194,7 +176,7 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.2f} MiB"
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     entries, failures = _entries(args.paths)
     catalog = Catalog(", ".join(map(str, args.paths)), list(entries))
     try:
@@ -248,115 +230,6 @@ def _subset_of_first(entry: CatalogEntry, entries: Sequence[CatalogEntry]) -> bo
     return all(key in first.layers for key in entry.header.denoiser_keys)
 
 
-# --- compare -------------------------------------------------------------------------------------
-
-
-def _cmd_compare(args: argparse.Namespace) -> int:
-    try:
-        old, new = Report.load(args.old), Report.load(args.new)
-    except ReportError as error:
-        print(f"pytest-hotswap compare: {error}", file=sys.stderr)
-        return 2
-    comparison = compare(old, new, args.fail_on)
-    print("\n".join(comparison.lines()))
-    return 1 if comparison.failed else 0
-
-
-# --- stacks: one table from the conformance reports of several stacks ----------------------------
-
-
-def conformance_matrix(name: str, report: Report) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The stack and the rows of a report's conformance matrix, every field checked: a problem
-    is a ``ReportError`` naming ``name`` and the field."""
-    matrix = report.extra.get("conformance")
-    if matrix is None:
-        raise ReportError(f"{name}: no conformance matrix in it (run the conformance suite)")
-    _expect(name, "conformance", matrix, dict, "an object")
-    stack = matrix.get("stack")
-    if stack is not None:
-        _string_map(name, "conformance.stack", stack, "package names to version strings")
-    rows = matrix.get("rows", [])
-    _expect(name, "conformance.rows", rows, list, "a list")
-    for index, row in enumerate(rows):
-        where = f"conformance.rows[{index}]"
-        _expect(name, where, row, dict, "an object")
-        _expect(name, f"{where}.scenario", row.get("scenario"), str, "a string")
-        _string_map(name, f"{where}.results", row.get("results"), "columns to verdict strings")
-    return (stack or report.versions), rows
-
-
-def _expect(name: str, field: str, value: Any, kind: type, what: str) -> None:
-    if not isinstance(value, kind):
-        raise ReportError(f"{name}: '{field}' must be {what}, got {_json_kind(value)}")
-
-
-def _string_map(name: str, field: str, value: Any, what: str) -> None:
-    _expect(name, field, value, dict, f"an object mapping {what}")
-    for key, item in value.items():
-        _expect(name, f"{field}.{key}", item, str, "a string")
-
-
-def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    kinds = {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
-    return f"a JSON {kinds.get(type(value), 'object' if isinstance(value, dict) else 'value')}"
-
-
-def stack_table(reports: dict[str, Report]) -> list[str]:
-    """Stack by scenario: one row per (scenario, pipeline-implementation) cell, one column per
-    stack, then what changes between stacks (the answer to "what changes if we upgrade?")."""
-    from pytest_hotswap.report import format_table
-
-    cells: dict[tuple[str, str], dict[str, str]] = {}
-    stacks: dict[str, dict[str, Any]] = {}
-    for name, report in reports.items():
-        stacks[name], rows = conformance_matrix(name, report)
-        for row in rows:
-            for column, verdict in row["results"].items():
-                cells.setdefault((row["scenario"], column), {})[name] = verdict
-    names = list(reports)
-    lines = [
-        f"{name}: " + ", ".join(f"{k} {v}" for k, v in stack.items())
-        for name, stack in stacks.items()
-    ]
-    rows = [[s, c, *(v.get(n, "-") for n in names)] for (s, c), v in cells.items()]
-    lines += format_table(["scenario", "column", *names], rows, indent="")
-    changed = [row for row in rows if len(set(row[2:])) > 1]
-    lines.append(f"{len(changed)} cells differ between stacks" + (":" if changed else ""))
-    for row in changed:
-        steps = ", ".join(
-            f"{name}: {verdict}" for name, verdict in zip(names, row[2:], strict=True)
-        )
-        lines.append(f"  {row[0]} [{row[1]}]: {steps}")
-    return lines
-
-
-def _cmd_stacks(args: argparse.Namespace) -> int:
-    try:
-        reports: dict[str, Report] = {}
-        for path in args.reports:
-            if path.stem in reports:
-                raise ReportError(
-                    f"{path}: a second report named {path.stem!r}; stacks are named by file "
-                    "name, so give each report its own"
-                )
-            reports[path.stem] = Report.load(path)
-            conformance_matrix(str(path), reports[path.stem])  # errors name the file
-        print("\n".join(stack_table(reports)))
-    except ReportError as error:
-        print(f"pytest-hotswap stacks: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _thresholds(text: str) -> tuple[Threshold, ...]:
-    try:
-        return parse_fail_on(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _max_rank(text: str) -> int | str:
     try:
         return parse_max_rank_or_auto(text)
@@ -364,34 +237,8 @@ def _max_rank(text: str) -> int | str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="pytest-hotswap",
-        description="Compare pytest-hotswap reports and inspect LoRA adapters before a hotswap",
-    )
-    commands = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
-    )
-
-    cmp = commands.add_parser(
-        "compare",
-        help="Compare two --hotswap-report JSON files; exit 1 on a regression",
-        description="Compare NEW with the baseline OLD per test; exit 1 when a threshold is "
-        "exceeded, 2 when a report cannot be read. Tests new or gone since OLD are listed, not failed",
-    )
-    cmp.add_argument("old", type=Path, metavar="OLD", help="The baseline report")
-    cmp.add_argument("new", type=Path, metavar="NEW", help="The report to check")
-    cmp.add_argument(
-        "--fail-on",
-        type=_thresholds,
-        default=parse_fail_on(DEFAULT_FAIL_ON),
-        metavar="EXPR",
-        help="Comma list of METRIC:N (cap) or METRIC:+P%% (growth over OLD); METRIC is compiles, "
-        "recompiles, cache_switches, layout_changes, graph_breaks, compile_s or swap_ms (median). "
-        f"Default: {DEFAULT_FAIL_ON}",
-    )
-    cmp.set_defaults(run=_cmd_compare)
-
+def add_command(commands: Any) -> None:
+    """Add the command to the ``pytest-hotswap`` subcommands (an argparse subparsers action)."""
     insp = commands.add_parser(
         "inspect",
         help="Plan a hotswap of LoRA .safetensors files or a catalog folder (headers only)",
@@ -424,24 +271,4 @@ def build_parser() -> argparse.ArgumentParser:
     )
     insp.add_argument("--layers", action="store_true", help="List every targeted layer")
     insp.add_argument("--json", action="store_true", help="Print JSON for machines")
-    insp.set_defaults(run=_cmd_inspect)
-
-    stk = commands.add_parser(
-        "stacks",
-        help="One table from the conformance reports of several stacks (make stacks)",
-        description="Combine --hotswap-report files of conformance runs on different stacks: "
-        "scenario by stack, then every cell that differs between stacks. A report's name is "
-        "its file name without .json",
-    )
-    stk.add_argument("reports", nargs="+", type=Path, metavar="REPORT", help="Conformance reports")
-    stk.set_defaults(run=_cmd_stacks)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    insp.set_defaults(run=run)

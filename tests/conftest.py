@@ -1,0 +1,19 @@
+"""Fixtures shared by the test modules under tests/ (the root conftest.py sets the environment)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def reference_compile_environment() -> Iterator[None]:
+    """:func:`reference_support.compile_environment` around one test module. The reference test
+    modules ask for it in their ``pytestmark`` (``usefixtures`` comes before the fixtures a test
+    names, so it is set up before their module fixtures build and compile models); the other
+    modules compile without it."""
+    from reference_support import compile_environment
+
+    with compile_environment():
+        yield
