@@ -333,9 +333,11 @@ def test_float8_dynamic_on_cpu_is_refused_before_building() -> None:
 
 def test_unknown_names_are_refused_with_the_known_ones() -> None:
     with pytest.raises(
-        ValueError, match=r"'sdxl': no registered pipeline of that name \(sd, flux\)"
+        ValueError,
+        match=r"'kandinsky': no registered pipeline of that name "
+        r"\(sd, sdxl, sd3, flux, wan, qwenimage, chroma, zimage\)",
     ):
-        build_spec("sdxl", OPTIONS)
+        build_spec("kandinsky", OPTIONS)
     spec = PipelineSpec(name="never", denoiser=TinyDenoiser(), run=lambda: torch.ones(1))
     with pytest.raises(
         ValueError,

@@ -367,3 +367,14 @@ def _uses_fixtures(item: pytest.Item) -> bool:
 def _is_recompile_limit_error(error: BaseException) -> bool:
     exc = sys.modules.get("torch._dynamo.exc")
     return exc is not None and isinstance(error, exc.FailOnRecompileLimitHit)
+
+
+def compile_on(item: pytest.Item) -> None:
+    """Let a watched test compile on past its allowance, as ``no_recompile(count_all=True)``.
+
+    For a test whose verdict is decided further on than a recompile: the conformance suite's
+    known defects that show as a wrong output or a changed model must reach that check.
+    """
+    state = item.stash.get(ITEM_KEY, None)
+    if state is not None:
+        state.count_all = True
