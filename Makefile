@@ -102,4 +102,4 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .nox reports bench-results site
+	rm -rf $(VENV) .cache .pytest_cache .nox reports bench-results site gpu-bundle

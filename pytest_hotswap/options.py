@@ -200,7 +200,7 @@ PIPELINES = Option(
     "pipelines",
     ("sd", "flux"),
     parse_list,
-    "Comma list of pipelines: registered names (sd, flux and names hooks add), saved diffusers "
+    "Comma list of pipelines: registered names (sd, sdxl, sd3, flux, wan, qwenimage, chroma, zimage and names hooks add), saved diffusers "
     "pipeline folders, or hub ids in the local cache",
 )
 IMPLEMENTATIONS = Option(

@@ -1,8 +1,9 @@
 """Pipelines by name: the registry of built-in tiny pipelines, saved folders and cached hub ids.
 
 A name in ``--hotswap-pipelines`` is, in this order: one a ``pytest_hotswap_build_pipeline`` hook
-builds, a registered name (``sd``, ``flux``), a folder holding a saved diffusers pipeline, or a
-hub id found in the local Hugging Face cache (offline). Each entry knows the call keyword its
+builds, a registered name (``sd`` and ``flux`` from :mod:`.tiny`; ``sdxl``, ``sd3``, ``wan``,
+``qwenimage``, ``chroma``, ``zimage`` from the families table), a folder holding a saved diffusers
+pipeline, or a hub id found in the local Hugging Face cache (offline). Each entry knows the call keyword its
 pipeline reads a LoRA strength from (``cross_attention_kwargs`` for Stable Diffusion,
 ``joint_attention_kwargs`` for Flux ...).
 """
