@@ -220,8 +220,12 @@ def test_kohya_for_a_transformer_is_refused(flux_pipe, tmp_path):
 
 
 def test_unknown_pipeline_name_and_non_safetensors_path(sd_pipe, tmp_path):
-    with pytest.raises(ValueError, match="unknown pipeline name 'sdxl': use one of sd, flux"):
-        make_lora("sdxl", tmp_path)
+    with pytest.raises(
+        ValueError,
+        match="unknown pipeline name 'kandinsky': use one of sd, flux, sdxl, sd3, wan, qwenimage, "
+        "chroma, zimage, or pass",
+    ):
+        make_lora("kandinsky", tmp_path)
     with pytest.raises(ValueError, match="safetensors only"):
         make_lora(sd_pipe, tmp_path / "lora.bin")
 
@@ -239,8 +243,8 @@ def test_a_registered_pipeline_name_is_a_target(monkeypatch, tmp_path) -> None:
     assert keys == {"transformer.proj_out.lora_A.weight", "transformer.proj_out.lora_B.weight"}
     with pytest.raises(ValueError, match="text_encoder=True needs a pipeline"):
         make_lora("bare", tmp_path, text_encoder=True)
-    with pytest.raises(ValueError, match="use one of sd, flux, bare"):
-        make_lora("sdxl", tmp_path)
+    with pytest.raises(ValueError, match=r"use one of sd, flux, .*, zimage, bare"):
+        make_lora("kandinsky", tmp_path)
 
 
 def test_a_model_holding_an_adapter_or_compiled_gives_the_same_file(tmp_path) -> None:
