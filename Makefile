@@ -29,8 +29,10 @@ ci-lint: venv
 test: venv lint ci-lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
+# One xdist worker per core; --dist loadgroup keeps each column (pipeline x implementation) on
+# one worker, so its scenarios share the pipelines that worker compiled.
 conformance: venv
-	$(BIN)/python -m pytest -q --pyargs pytest_hotswap.conformance \
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup --pyargs pytest_hotswap.conformance \
 		--hotswap-backend=inductor --hotswap-max-rank=128 $(ARGS)
 
 # The conformance suite on every built-in pipeline family (eager backend), ending with the
