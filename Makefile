@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: venv test conformance families docs stacks bench bench-smoke gpu-check gpu-bundle gpu-check-dry lint ci-lint format clean
+.PHONY: venv test test-slow conformance families docs stacks bench bench-smoke gpu-check gpu-bundle gpu-check-dry lint ci-lint format clean
 
 venv: $(STAMP)
 
@@ -26,8 +26,14 @@ ci-lint: venv
 	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml examples/downstream/ci/*.yml
 	$(BIN)/zizmor --offline .github/workflows examples/downstream/ci/*.yml
 
+# The project's own tests in two tiers: `make test` (unit and in-process integration, minutes) and
+# `make test-slow` (end-to-end pytest sessions that build and compile pipelines, the bench smoke,
+# order independence). CI runs both.
 test: venv lint ci-lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m slow tests
 
 # One xdist worker per core; --dist loadgroup keeps each column (pipeline x implementation) on
 # one worker, so its scenarios share the pipelines that worker compiled.

@@ -79,6 +79,7 @@ def _measurements(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())["measurements"]
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_measurement_and_writes_json_and_png(smoke) -> None:
     done, out = smoke
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -96,6 +97,7 @@ def test_smoke_runs_every_measurement_and_writes_json_and_png(smoke) -> None:
     assert (out / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
+@pytest.mark.slow
 def test_smoke_gives_every_timed_value_its_spread(smoke) -> None:
     _, out = smoke
     for name, measurement in _measurements(out).items():

@@ -110,6 +110,7 @@ def saved(
     return root / f"my_{request.param}", root / "loras"
 
 
+@pytest.mark.slow
 def test_fixtures_on_a_saved_folder_with_a_catalog_and_auto_max_rank(
     pytester: pytest.Pytester, saved: tuple[Path, Path]
 ) -> None:
@@ -141,6 +142,7 @@ def test_fixtures_on_a_saved_folder_with_a_catalog_and_auto_max_rank(
     )
 
 
+@pytest.mark.slow
 def test_conformance_on_a_saved_folder_and_its_catalog(
     pytester: pytest.Pytester, saved: tuple[Path, Path]
 ) -> None:

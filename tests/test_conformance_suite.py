@@ -111,6 +111,7 @@ EXPECTED = {
 COLUMNS = ["flux-diffusers", "flux-reference"]
 
 
+@pytest.mark.slow
 def test_suite_passes_with_exactly_the_known_defects(conformance_run):
     defects = sum(row[2:].count(D) for row in EXPECTED.values())
     outcomes = conformance_run.outcomes
@@ -136,6 +137,7 @@ def test_matrix_is_printed(conformance_run):
     )
 
 
+@pytest.mark.slow
 def test_matrix_in_the_json_report(conformance_run):
     matrix = conformance_run.report["conformance"]
     assert matrix["columns"] == COLUMNS

@@ -97,6 +97,7 @@ def test_the_next_test_gets_a_rebuilt_pipeline(hotswap_pipeline_factory):
 """
 
 
+@pytest.mark.slow
 def test_rebuild_after_reshape_or_storm_factory_cache_and_bad_hook_result(
     pytester: pytest.Pytester,
 ) -> None:

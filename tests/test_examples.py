@@ -35,6 +35,7 @@ def downstream(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
+@pytest.mark.slow
 def test_example_passes_and_writes_the_report(
     downstream: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -101,6 +102,7 @@ def test_example_passes_and_writes_the_report(
     )
 
 
+@pytest.mark.slow
 def test_max_rank_below_the_adapters_fails_clearly(downstream: pytest.Pytester) -> None:
     """Negative control: the command line beats pytest.ini, and max rank 4 is too small."""
     result = downstream.runpytest_subprocess(

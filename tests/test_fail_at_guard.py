@@ -163,6 +163,7 @@ def plain(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
+@pytest.mark.slow
 def test_a_failing_verdict_stops_at_the_guard(plain: pytest.Pytester) -> None:
     result, data, records = _run(plain)
     graphs, reached = data["graphs"], set(data["reached"])
@@ -245,6 +246,7 @@ def test_a_failing_verdict_stops_at_the_guard(plain: pytest.Pytester) -> None:
     )
 
 
+@pytest.mark.slow
 def test_count_all_option_and_ini_compile_every_recompile(plain: pytest.Pytester) -> None:
     """``--hotswap-count-all`` (and its ini twin): every marked test compiles on and counts
     everything, then fails at the end (the default run above is its negative control)."""
@@ -262,6 +264,7 @@ def test_count_all_option_and_ini_compile_every_recompile(plain: pytest.Pytester
     assert data["graphs"]["test_one_recompile"] == [1]
 
 
+@pytest.mark.slow
 def test_count_all_must_be_a_bool(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         test_bool="""
@@ -328,6 +331,7 @@ def test_rank_past_the_padding_counted(hotswap_pipeline, lora_factory):
 """
 
 
+@pytest.mark.slow
 def test_a_layout_change_and_its_recompile_are_one_event(pytester: pytest.Pytester) -> None:
     """diffusers + PEFT given a rank above the padding replace the LoRA tensors (a layout
     change) and dynamo recompiles on the next call: one incident, one event carrying the tensor

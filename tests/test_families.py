@@ -110,6 +110,7 @@ def _compiled(pipe: Any, target_rank: int, first: dict[str, Path]) -> torch.Tens
     return driver.drive(pipe)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(EXPECTED))
 def test_family_hotswaps_a_lower_rank_without_recompiling(
     family: str, saved: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -50,6 +50,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return folders
 
 
+@pytest.mark.slow
 def test_saved_folders_by_absolute_path_from_another_directory(
     pytester: pytest.Pytester, saved: dict[str, Path]
 ) -> None:
@@ -74,6 +75,7 @@ def test_saved_folders_by_absolute_path_from_another_directory(
     }
 
 
+@pytest.mark.slow
 def test_two_folders_of_one_name_are_two_pipelines(
     pytester: pytest.Pytester, saved: dict[str, Path]
 ) -> None:
@@ -92,6 +94,7 @@ def test_two_folders_of_one_name_are_two_pipelines(
     assert rows == {"same rank": ("pass", "pass")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("index", "message"),
     [
@@ -120,6 +123,7 @@ def test_a_folder_the_driver_cannot_drive_is_one_usage_error_at_start(
     assert "collected" not in result.stdout.str()
 
 
+@pytest.mark.slow
 def test_the_quantized_base_without_torchao_is_not_supported_unless_asked(
     pytester: pytest.Pytester,
 ) -> None:
@@ -191,6 +195,7 @@ def test_the_reference_refuses_two_denoisers(hotswap_pipeline_factory):
 """
 
 
+@pytest.mark.slow
 def test_wan_22_swaps_both_experts_in_one_swap(pytester: pytest.Pytester) -> None:
     """The diffusers implementation pads, compiles and swaps both experts; a rank grown past
     the padding is caught (negative control), with the layout change named by expert."""

@@ -68,6 +68,7 @@ def _records(pytester: pytest.Pytester) -> list[dict]:
     return [json.loads(line) for line in (pytester.path / "records.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_swaps_without_recompile_and_one_compile_per_configuration(
     pytester: pytest.Pytester,
 ) -> None:
@@ -177,6 +178,7 @@ def test_typo(hotswap_pipeline):
 """
 
 
+@pytest.mark.slow
 def test_recompile_is_caught_and_bad_configurations_are_clear(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_failures=FAILURES, test_bad_marker=BAD_MARKER)
     result = pytester.runpytest_subprocess(
@@ -301,6 +303,7 @@ def test_4_gets_a_new_build_with_the_same_output(hotswap_pipeline_factory):
 """
 
 
+@pytest.mark.slow
 def test_the_cache_restores_a_half_swapped_pipeline_and_rebuilds_one_it_cannot_restore(
     pytester: pytest.Pytester,
 ) -> None:

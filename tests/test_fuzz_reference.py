@@ -173,6 +173,7 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(value.shape) if isinstance(value, torch.Tensor) and not value.is_nested else ()
 
 
+@pytest.mark.slow
 def test_fuzzed_state_dicts_are_refused_and_change_nothing(served, tmp_path_factory) -> None:
     directory: Path = tmp_path_factory.mktemp("malformed")
     check = served.untouched()

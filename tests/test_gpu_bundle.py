@@ -290,6 +290,7 @@ torch.compile = compile
 """
 
 
+@pytest.mark.slow
 def test_without_isolate_recompiles_each_watched_test_starts_from_a_reset(
     pytester: pytest.Pytester,
 ) -> None:

@@ -221,6 +221,7 @@ for i, nodeid in enumerate(sys.argv[1:]):
 """
 
 
+@pytest.mark.slow
 def test_whole_alone_reversed_and_under_xdist_give_the_same_verdicts(
     downstream: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -265,6 +266,7 @@ def test_whole_alone_reversed_and_under_xdist_give_the_same_verdicts(
         )
 
 
+@pytest.mark.slow
 def test_fresh_dynamo_per_test_makes_the_shared_model_recompile(
     downstream: pytest.Pytester,
 ) -> None:

@@ -94,6 +94,7 @@ def test_factory_adapter_loads_with_plain_diffusers_and_changes_output(
     assert (adapted - base).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_swap_sequence_does_not_recompile(ready: object, loras: dict) -> None:
     name = ready.name
     sequence = ["r4", "r16", "max", "half", "first"]
@@ -132,6 +133,7 @@ def test_restore_undoes_a_swap_that_raised_half_way(ready: object, loras: dict) 
     assert torch.equal(ready.run(), before)
 
 
+@pytest.mark.slow
 def test_rank_above_max_recompiles_and_is_caught(loras: dict) -> None:
     """Negative control: PEFT replaces a too-large adapter's tensors, so dynamo must recompile."""
     spec = build_spec("flux", OPTIONS)

@@ -388,6 +388,7 @@ def batch(
     return result, events
 
 
+@pytest.mark.slow
 def test_batch_outcomes(batch: tuple[pytest.RunResult, list[dict[str, str]]]) -> None:
     result, _ = batch
     result.assert_outcomes(passed=9, failed=12)
@@ -569,6 +570,7 @@ def test_strict_recompile():
 """
 
 
+@pytest.mark.slow
 def test_hotswap_strict_marks_every_test(pytester: pytest.Pytester) -> None:
     """The unmarked twin of this, test_unwatched_recompile_passes in the batch, passes."""
     pytester.makepyfile(test_strict=STRICT_FILE)

@@ -274,6 +274,7 @@ def pytest_sessionfinish(session):
 """
 
 
+@pytest.mark.slow
 def test_a_session_that_uses_no_hotswap_feature_never_imports_torch(
     pytester: pytest.Pytester,
 ) -> None:

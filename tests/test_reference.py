@@ -55,6 +55,7 @@ def _guard_failures() -> int:
     return sum(len(reasons) for reasons in torch._dynamo.utils.guard_failures.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHS.values()), ids=list(ARCHS))
 def test_swap_sequence_matches_eager_load_without_recompiling(arch: Arch, tmp_path) -> None:
     sequence = _sequence(arch, tmp_path)
@@ -83,6 +84,7 @@ def test_swap_sequence_matches_eager_load_without_recompiling(arch: Arch, tmp_pa
     assert parameter_identity(model) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHS.values()), ids=list(ARCHS))
 def test_negative_control_same_swaps_without_prepare_recompile(arch: Arch, tmp_path) -> None:
     """diffusers + PEFT hotswap on an unpadded model: rank and alpha changes reach dynamo's guards."""
@@ -240,6 +242,7 @@ def test_finite_values_whose_norm_overflows_are_accepted(tmp_path) -> None:
         hotswap(model, large)
 
 
+@pytest.mark.slow
 def test_pipeline_and_every_adapter_format_give_the_same_swap(tmp_path) -> None:
     """A pipeline finds its UNet; kohya files, diffusers files and PEFT state dicts all convert."""
     import safetensors.torch

@@ -95,6 +95,7 @@ def _a_key(state: dict[str, torch.Tensor], part: str = "A", conv: bool = False) 
     return next(k for k in sorted(state) if f".lora_{part}." in k and (state[k].dim() == 4) == conv)
 
 
+@pytest.mark.slow
 def test_the_served_model_swaps_fine(served, files) -> None:
     """Positive control for the refusals below: a valid adapter goes through."""
     model, compiled, out = served
@@ -117,6 +118,7 @@ def test_rank_above_max_names_key_rank_and_max(served, files) -> None:
     )
 
 
+@pytest.mark.slow
 def test_superset_targets_are_listed(served, files) -> None:
     _assert_refused_untouched(
         served,

@@ -58,6 +58,7 @@ def _layer(served: Served) -> str:
     return next(iter(served.state)).rsplit(".lora_", 1)[0]
 
 
+@pytest.mark.slow
 def test_the_served_model_swaps_its_first_adapter_back(served) -> None:
     """Positive control: a valid file swaps in, and the model compares equal to itself."""
     check = served.untouched()

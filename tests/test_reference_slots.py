@@ -60,6 +60,7 @@ def _set_adapters(arch: Arch, loaded: dict[str, object]):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHS.values()), ids=list(ARCHS))
 def test_two_weighted_slots_equal_set_adapters(arch: Arch, tmp_path) -> None:
     files = _adapters(arch, tmp_path)

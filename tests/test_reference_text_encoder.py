@@ -111,6 +111,7 @@ def served(files):
     return pipe, encoder, unet, first
 
 
+@pytest.mark.slow
 def test_text_encoder_and_denoiser_swap_together_without_recompiling(served, files) -> None:
     pipe, encoder, unet, first = served
     identity = parameter_identity(encoder), parameter_identity(unet)
@@ -159,6 +160,7 @@ def _bad(files, how: str) -> dict[str, torch.Tensor]:
     return state, key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("how", "error", "match"),
     [

@@ -53,6 +53,7 @@ def _matrix(report: Path) -> tuple[list[str], dict[str, tuple[str, ...]]]:
     return matrix["columns"], rows
 
 
+@pytest.mark.slow
 def test_conformance_verdicts_are_the_same_regional_and_whole(pytester: pytest.Pytester) -> None:
     runs = {}
     for scope in ("whole", "regional"):
@@ -89,6 +90,7 @@ def test_one_block(hotswap_pipeline_factory, lora_factory, rank):
 """
 
 
+@pytest.mark.slow
 def test_a_rank_grown_past_the_padding_in_one_block_is_caught_and_named(
     pytester: pytest.Pytester,
 ) -> None:
@@ -129,6 +131,7 @@ def test_a_rank_grown_past_the_padding_in_one_block_is_caught_and_named(
     ]
 
 
+@pytest.mark.slow
 def test_regional_on_a_denoiser_without_repeated_blocks_is_not_supported(
     pytester: pytest.Pytester,
 ) -> None:

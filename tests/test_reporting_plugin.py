@@ -94,6 +94,7 @@ def counts(path) -> dict[str, tuple]:
     }
 
 
+@pytest.mark.slow
 def test_report_then_baseline_passes_then_a_recompile_fails_with_the_table(project):
     report = project.path / "out" / "hotswap.json"
     first = run(project, f"--hotswap-report={report}", "--junitxml=junit.xml")
@@ -232,6 +233,7 @@ def test_a_report_in_a_missing_folder_is_written_there(pytester):
     assert [p.name for p in target.parent.iterdir()] == ["hotswap.json"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("xdist", [None, "0", "2"], ids=["no-xdist", "n0", "n2"])
 def test_same_report_with_and_without_xdist(project, xdist):
     report = project.path / "hotswap.json"

@@ -196,6 +196,7 @@ def junit_devices(junit: Path) -> list[str]:
     return sorted(p.get("value") for p in root.iter("property") if p.get("name") == "device")
 
 
+@pytest.mark.slow
 def test_each_xdist_worker_is_pinned_to_its_device(pytester, monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # when this suite runs under xdist
     # Four GPUs, of which the parent allows 3, 1 and 2 (so cuda:0 is GPU 3): the list cuda:2,
@@ -223,6 +224,7 @@ def test_each_xdist_worker_is_pinned_to_its_device(pytester, monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_without_xdist_the_first_device(pytester, monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # when this suite runs under xdist
     monkeypatch.setenv(scale.FAKE_GPUS_ENV, "4")
@@ -242,6 +244,7 @@ def test_without_xdist_the_first_device(pytester, monkeypatch):
     assert recorded(report) == ["cuda:0"]
 
 
+@pytest.mark.slow
 def test_on_a_host_without_a_gpu_auto_is_the_cpu_and_nothing_changes(pytester, monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # when this suite runs under xdist
     monkeypatch.setenv(scale.FAKE_GPUS_ENV, "0")
@@ -343,6 +346,7 @@ EXPECTED_VERDICTS = {
 }
 
 
+@pytest.mark.slow
 def test_a_second_run_sharing_redis_hits_for_every_graph(pytester, monkeypatch, redis_server):
     pytest.importorskip("redis", reason="the cache extra (redis) is not installed")
     pytester.makepyfile(test_compiled=COMPILED)
@@ -386,6 +390,7 @@ def test_an_unreachable_redis_is_one_usage_error_at_start(pytester):
     assert "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE" not in os.environ  # nothing left behind
 
 
+@pytest.mark.slow
 def test_a_cache_directory_shared_by_two_workers(pytester, monkeypatch):
     # Both workers compile the same graph into one directory at the same time (--dist each);
     # then a serial run from that directory hits for every graph: no entry was corrupted.
