@@ -17,3 +17,15 @@ def reference_compile_environment() -> Iterator[None]:
 
     with compile_environment():
         yield
+
+
+#: Module fixtures that run a whole pytest session or the bench in a subprocess: every test that
+#: uses one is slow (``make test-slow``), so ``make test`` never pays for them.
+SLOW_FIXTURES = frozenset({"conformance_run", "smoke", "batch"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
