@@ -170,3 +170,46 @@ def test_diffusers_strength_change_shows_its_own_recompiles_not_a_storm(conforma
     [test] = [t for t in tests if t["nodeid"].endswith("test_strength_change[flux-diffusers]")]
     assert (test["recompiles"], test["outcome"], test["stopped_at_guard"]) == (1, "xfailed", True)
     assert [event["kind"] for event in test["events"]] == ["recompile"]
+
+
+@pytest.mark.slow
+def test_the_matrix_is_printed_and_reported_under_xdist(tmp_path):
+    """Under ``-n 2`` the suite's conftest loads in the workers only; the controller still ends
+    with the matrix and writes it into the report (it got lost there once)."""
+    report = tmp_path / "report.json"
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-n",
+        "2",
+        "--dist",
+        "loadgroup",
+        "--pyargs",
+        "pytest_hotswap.conformance",
+        "--hotswap-backend=eager",
+        "--hotswap-pipelines=flux",
+        f"--hotswap-report={report}",
+        "-k",
+        "same_rank or rank_over_max",
+        "-p",
+        "no:cacheprovider",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    pytest.LineMatcher(done.stdout.splitlines()).fnmatch_lines(
+        [
+            "*hotswap conformance matrix*",
+            "scenario * flux-diffusers * flux-reference",
+            "same rank * pass * pass",
+            "rank > max rank (rejected) * upstream defect * pass",
+        ]
+    )
+    rows = json.loads(report.read_text())["conformance"]["rows"]
+    assert {row["scenario"]: row["results"] for row in rows} == {
+        "same rank": {"flux-diffusers": "pass", "flux-reference": "pass"},
+        "rank > max rank (rejected)": {
+            "flux-diffusers": "upstream defect",
+            "flux-reference": "pass",
+        },
+    }

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_hotswap.conformance.support import CatalogCase, ConformanceMatrix, catalog_for
+from pytest_hotswap.conformance.support import CatalogCase, catalog_for, register_matrix
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.pluginmanager.register(ConformanceMatrix(config), "hotswap-conformance-matrix")
+    register_matrix(config)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups

@@ -255,7 +255,7 @@ def _verdict(report: pytest.TestReport) -> str | None:
 def _cell(report: pytest.TestReport) -> tuple[str, str] | None:
     """``.../test_conformance.py::test_same_rank[sd-diffusers]`` -> (same rank, sd-diffusers)."""
     nodeid = report.nodeid
-    if "::test_" not in nodeid or "[" not in nodeid:
+    if "test_conformance.py::test_" not in nodeid or "[" not in nodeid:
         return None
     name, _, param = nodeid.rsplit("::", 1)[1].partition("[")
     scenario = name.removeprefix("test_")
@@ -266,6 +266,17 @@ def _cell(report: pytest.TestReport) -> tuple[str, str] | None:
         column, _, file = param.partition("|")
         return f"catalog: {file}", column
     return SCENARIOS[scenario], param
+
+
+MATRIX_PLUGIN = "hotswap-conformance-matrix"
+
+
+def register_matrix(config: pytest.Config) -> None:
+    """Keep the matrix in this process, once: the suite's conftest does it where it collects, and
+    the plugin on a pytest-xdist controller, which loads no conftest of the suite (its workers
+    collect) but receives every test report."""
+    if config.pluginmanager.get_plugin(MATRIX_PLUGIN) is None:
+        config.pluginmanager.register(ConformanceMatrix(config), MATRIX_PLUGIN)
 
 
 class ConformanceMatrix:

@@ -27,7 +27,7 @@ from pytest_hotswap.plugin.session import (
     SESSION_KEY,
     HotswapSession,
 )
-from pytest_hotswap.plugin.start import check_implementations, header_lines
+from pytest_hotswap.plugin.start import check_implementations, header_lines, is_xdist_controller
 
 if TYPE_CHECKING:
     from pytest_hotswap.watch import CompileWatcher
@@ -91,6 +91,10 @@ def pytest_configure(config: pytest.Config) -> None:
     session = HotswapSession(config)
     config.stash[SESSION_KEY] = session
     check_implementations(session)
+    if is_xdist_controller(config):
+        from pytest_hotswap.conformance.support import register_matrix
+
+        register_matrix(config)  # the suite's own conftest loads in the workers only
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
