@@ -301,3 +301,26 @@ def test_save_writes_loadable_folders_and_reuses_complete_ones(
     with pytest.raises(SystemExit):
         main(["save", str(tmp_path / "out"), "sd,nope"])
     assert "'nope': no such pipeline family" in capsys.readouterr().err
+
+
+def test_catalog_files_for_sdxl_and_chroma(tmp_path: Path) -> None:
+    """SDXL's ``add_embedding.linear_1/2`` have kohya names diffusers reads back as other layers:
+    the catalog's kohya file leaves them out (SD's layers all load back: negative control);
+    Chroma's text encoder is a T5, whose attention (``SelfAttention.q/k/v/o``) an adapter with
+    ``text_encoder=True`` targets."""
+    from safetensors.torch import load_file
+
+    from pytest_hotswap.adapters.factory import kohya_loadable, lora_targets, make_lora
+
+    sdxl = lora_targets(build_family("sdxl"))
+    assert sorted(set(sdxl) - set(kohya_loadable(sdxl))) == [
+        "add_embedding.linear_1",
+        "add_embedding.linear_2",
+    ]
+    sd = lora_targets(build_family("sd"))
+    assert kohya_loadable(sd) == sd
+
+    path = make_lora(build_family("chroma"), tmp_path / "chroma.safetensors", text_encoder=True)
+    encoder = {k.split(".lora_")[0] for k in load_file(path) if k.startswith("text_encoder.")}
+    assert "text_encoder.encoder.block.0.layer.0.SelfAttention.q" in encoder
+    assert all(k.rsplit(".", 1)[1] in "qkvo" for k in encoder)
