@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: venv test test-slow conformance families docs stacks bench bench-smoke gpu-check gpu-bundle gpu-check-dry lint ci-lint format clean
+.PHONY: venv test test-slow conformance families wheel-check docs stacks bench bench-smoke gpu-check gpu-bundle gpu-check-dry lint ci-lint format clean
 
 venv: $(STAMP)
 
@@ -42,11 +42,25 @@ conformance: venv
 		--hotswap-backend=inductor --hotswap-max-rank=128 $(ARGS)
 
 # The conformance suite on every built-in pipeline family (eager backend), ending with the
-# family-by-scenario matrix; `make conformance` stays the main job.
+# family-by-scenario matrix; `make conformance` stays the main job. Each family is saved with
+# save_pretrained (tokenizers included) into .cache/families/<name> (reused when complete) and
+# run as a user runs a saved pipeline: by absolute path, from another directory (a fresh temporary
+# one), so the columns are the folders' names.
 FAMILIES := sd,sdxl,sd3,flux,wan,qwenimage,chroma,zimage
+FAMILIES_DIR := $(CURDIR)/.cache/families
 families: venv
-	$(BIN)/python -m pytest -q --pyargs pytest_hotswap.conformance \
-		--hotswap-pipelines=$(FAMILIES) --hotswap-backend=eager $(ARGS)
+	@folders=$$($(BIN)/python -m pytest_hotswap.pipelines.families save $(FAMILIES_DIR) \
+		$(FAMILIES)) || exit 1; \
+	elsewhere=$$(mktemp -d) && cd $$elsewhere && echo "make families: running in $$elsewhere" && \
+	$(CURDIR)/$(BIN)/python -m pytest -q -p no:cacheprovider --pyargs pytest_hotswap.conformance \
+		--hotswap-pipelines=$$folders --hotswap-backend=eager $(ARGS); \
+	status=$$?; cd / && rm -rf $$elsewhere; exit $$status
+
+# The README's "in your repository" path from the built wheel: a fresh virtualenv in a temporary
+# folder, the wheel without extras plus the pinned stack, the conformance suite (eager) run from a
+# folder outside the repository; fails unless it exits 0 with the quantized base "not supported".
+wheel-check:
+	$(PYTHON) tools/wheel_check.py $(ARGS)
 
 # The pages under docs/ (mkdocs.yml), strict: a broken link, anchor or a page left out of the nav
 # fails the build. Output in site/ (ignored).

@@ -268,3 +268,60 @@ def test_sd_and_flux_stay_the_tiny_pipelines() -> None:
     assert REGISTRY["sd"].build is sd_spec
     assert REGISTRY["flux"].build is flux_spec
     assert REGISTRY["sdxl"].build is not sd_spec
+
+
+# --- saved folders for `make families`: python -m pytest_hotswap.pipelines.families save ----
+
+
+def test_save_writes_loadable_folders_and_reuses_complete_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``save DIR sd`` writes ``DIR/sd`` with its tokenizer and prints its absolute path; a second
+    save reuses the folder; a folder whose stamp is not of this build (or missing: an interrupted
+    save) is written again (negative control)."""
+    from pytest_hotswap.pipelines.families import STAMP, main, save_families
+
+    assert main(["save", str(tmp_path / "out"), "sd"]) == 0
+    folder = (tmp_path / "out" / "sd").resolve()
+    assert capsys.readouterr().out.strip() == str(folder)
+    assert (folder / "tokenizer" / "tokenizer_config.json").is_file()
+    pipe = load(folder, tmp_path, monkeypatch)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert type(pipe.tokenizer).__name__ == "CLIPTokenizer"
+
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    written = weights.stat().st_mtime_ns
+    assert save_families(tmp_path / "out", ["sd"]) == {"sd": folder}
+    assert weights.stat().st_mtime_ns == written  # reused
+
+    (folder / STAMP).write_text('{"family": "sd", "seed": "7"}', encoding="utf-8")
+    save_families(tmp_path / "out", ["sd"])
+    assert weights.stat().st_mtime_ns != written  # not of this build: written again
+    assert not list((tmp_path / "out").glob(".*partial"))
+
+    with pytest.raises(SystemExit):
+        main(["save", str(tmp_path / "out"), "sd,nope"])
+    assert "'nope': no such pipeline family" in capsys.readouterr().err
+
+
+def test_catalog_files_for_sdxl_and_chroma(tmp_path: Path) -> None:
+    """SDXL's ``add_embedding.linear_1/2`` have kohya names diffusers reads back as other layers:
+    the catalog's kohya file leaves them out (SD's layers all load back: negative control);
+    Chroma's text encoder is a T5, whose attention (``SelfAttention.q/k/v/o``) an adapter with
+    ``text_encoder=True`` targets."""
+    from safetensors.torch import load_file
+
+    from pytest_hotswap.adapters.factory import kohya_loadable, lora_targets, make_lora
+
+    sdxl = lora_targets(build_family("sdxl"))
+    assert sorted(set(sdxl) - set(kohya_loadable(sdxl))) == [
+        "add_embedding.linear_1",
+        "add_embedding.linear_2",
+    ]
+    sd = lora_targets(build_family("sd"))
+    assert kohya_loadable(sd) == sd
+
+    path = make_lora(build_family("chroma"), tmp_path / "chroma.safetensors", text_encoder=True)
+    encoder = {k.split(".lora_")[0] for k in load_file(path) if k.startswith("text_encoder.")}
+    assert "text_encoder.encoder.block.0.layer.0.SelfAttention.q" in encoder
+    assert all(k.rsplit(".", 1)[1] in "qkvo" for k in encoder)

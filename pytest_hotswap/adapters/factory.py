@@ -28,7 +28,10 @@ from pytest_hotswap.reference.components import (
 FORMATS = ("diffusers", "kohya", "peft")
 #: Text-encoder layers an adapter targets with ``text_encoder=True``: the attention projections
 #: that diffusers' training scripts adapt.
-_TEXT_ENCODER_TARGET = re.compile(r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)")
+#: CLIP's ``self_attn.q_proj`` ..., T5's ``SelfAttention.q`` ... (Chroma's text encoder is a T5).
+_TEXT_ENCODER_TARGET = re.compile(
+    r".*\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|SelfAttention\.(q|k|v|o))"
+)
 
 
 def lora_targets(target: Any) -> list[str]:
@@ -351,6 +354,26 @@ def _check_kohya_round_trip(
     kohya: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
 ) -> None:
     """Refuse targets whose kohya names diffusers' loader maps back to a different layer."""
+    lost = _kohya_lost(kohya, expected)
+    if lost:
+        raise ValueError(
+            f"kohya names of {len(lost)} targets do not load back onto the same layers in diffusers "
+            f"(e.g. {lost[:3]}); pass targets= without them, or use fmt='diffusers'"
+        )
+
+
+def kohya_loadable(names: Sequence[str]) -> list[str]:
+    """The UNet layers of ``names`` whose kohya names diffusers' loader maps back to them
+    (SDXL's ``add_embedding.linear_1`` does not: its kohya name reads back as another layer)."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    probe = {f"unet.{name}.lora_{ab}.weight": torch.zeros(1, 1) for name in names for ab in "AB"}
+    lost = set(_kohya_lost(convert_state_dict_to_kohya(probe), probe))
+    return [name for name in names if f"unet.{name}" not in lost]
+
+
+def _kohya_lost(kohya: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """The layers of ``expected`` that loading ``kohya`` through diffusers does not reach."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils.state_dict_utils import (
         convert_all_state_dict_to_peft,
@@ -364,16 +387,11 @@ def _check_kohya_round_trip(
     loaded = set(convert_unet_state_dict_to_peft(unet))
     if text_encoder:
         loaded |= set(convert_all_state_dict_to_peft(text_encoder))
-    lost = sorted(
+    return sorted(
         key.rsplit(".lora_", 1)[0]
         for key in expected
         if key.endswith("lora_A.weight") and key not in loaded
     )
-    if lost:
-        raise ValueError(
-            f"kohya names of {len(lost)} targets do not load back onto the same layers in diffusers "
-            f"(e.g. {lost[:3]}); pass targets= without them, or use fmt='diffusers'"
-        )
 
 
 def _write_peft(
@@ -425,6 +443,8 @@ def catalog_recipe(target: Any, *, kohya: bool) -> list[CatalogFile]:
     names = [] if target is None else lora_targets(target)
     even, odd = names[0::2], names[1::2]
     pattern = {name: 64 for name in even[:3]}
+    loadable = kohya_loadable(names) if kohya else names
+    kohya_targets: str | list[str] = "all" if loadable == names else loadable
     files = [
         CatalogFile(
             "01-even-r8.safetensors",
@@ -443,7 +463,7 @@ def catalog_recipe(target: Any, *, kohya: bool) -> list[CatalogFile]:
         ),
         CatalogFile(
             "04-r16.safetensors",
-            {"rank": 16, "fmt": "kohya", "seed": 104}
+            {"rank": 16, "fmt": "kohya", "targets": kohya_targets, "seed": 104}
             if kohya
             else {"rank": 16, "targets": even, "seed": 104},
             "kohya keys (lora_down / lora_up / alpha), rank 16"
