@@ -52,7 +52,8 @@ families: venv
 	@folders=$$($(BIN)/python -m pytest_hotswap.pipelines.families save $(FAMILIES_DIR) \
 		$(FAMILIES)) || exit 1; \
 	elsewhere=$$(mktemp -d) && cd $$elsewhere && echo "make families: running in $$elsewhere" && \
-	$(CURDIR)/$(BIN)/python -m pytest -q -p no:cacheprovider --pyargs pytest_hotswap.conformance \
+	$(CURDIR)/$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --dist loadgroup \
+		--pyargs pytest_hotswap.conformance \
 		--hotswap-pipelines=$$folders --hotswap-backend=eager $(ARGS); \
 	status=$$?; cd / && rm -rf $$elsewhere; exit $$status
 
