@@ -41,13 +41,15 @@ _SUBMODULES = {
     ),
     "factory": (
         "FORMATS",
+        "lora_targets",
+        "make_lora",
+        "select_targets",
+    ),
+    "recipes": (
         "CatalogFile",
         "catalog_recipe",
         "catalog_recipe_names",
-        "lora_targets",
         "make_catalog",
-        "make_lora",
-        "select_targets",
     ),
     "catalog": (
         "Catalog",
