@@ -255,7 +255,7 @@ def _verdict(report: pytest.TestReport) -> str | None:
 def _cell(report: pytest.TestReport) -> tuple[str, str] | None:
     """``.../test_conformance.py::test_same_rank[sd-diffusers]`` -> (same rank, sd-diffusers)."""
     nodeid = report.nodeid
-    if "test_conformance.py::test_" not in nodeid or "[" not in nodeid:
+    if "::test_" not in nodeid or "[" not in nodeid:
         return None
     name, _, param = nodeid.rsplit("::", 1)[1].partition("[")
     scenario = name.removeprefix("test_")
