@@ -17,6 +17,7 @@ import pytest
 
 from pytest_hotswap import options as opts
 from pytest_hotswap import scale
+from pytest_hotswap.plugin.start import is_xdist_controller, read_options
 
 WORKERINPUT_KEY = "pytest_hotswap_devices"
 WORKEROUTPUT_KEY = "pytest_hotswap_cache_counters"
@@ -27,7 +28,7 @@ class Scale:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.options = _read_options(config)
+        self.options = read_options(config)
         self._label: str | None = None
         self.worker_id: str | None = getattr(config, "workerinput", {}).get("workerid")
         self.plan: tuple[scale.Device, ...] = ()
@@ -43,10 +44,10 @@ class Scale:
         if self.worker_id is not None:
             entries = self.config.workerinput.get(WORKERINPUT_KEY, [])  # type: ignore[attr-defined]
             self.plan = tuple(scale.Device(label, entry) for label, entry in entries)
-        elif explicit or _xdist_controller(self.config):
+        elif explicit or is_xdist_controller(self.config):
             self.plan = self._plan()
         # Without xdist, auto changes nothing: its first GPU is already cuda:0.
-        if self.worker_id is None and (not explicit or _xdist_controller(self.config)):
+        if self.worker_id is None and (not explicit or is_xdist_controller(self.config)):
             return
         device = scale.device_for_worker(self.plan, self.worker_id)
         if device is None:
@@ -191,27 +192,6 @@ def pytest_configure_node(node: object) -> None:
     """xdist controller: every worker gets the plan; it picks its device by its number."""
     state = node.config.stash[SCALE_KEY]  # type: ignore[attr-defined]
     node.workerinput[WORKERINPUT_KEY] = [[d.label, d.entry] for d in state.plan]  # type: ignore[attr-defined]
-
-
-def _read_options(config: pytest.Config) -> opts.HotswapOptions:
-    """The options this module needs, read as the session reads every option (command line beats
-    ini); the session reports a bad value of any other option itself."""
-    values: dict[str, object] = {}
-    for option in (opts.DEVICE, opts.DEVICE_LIST, opts.COMPILE_CACHE):
-        raw, source = config.getoption(option.ini), option.cli
-        if raw is None:
-            raw, source = config.getini(option.ini), f"ini option {option.ini}"
-        if raw is None or raw == "":
-            continue
-        try:
-            values[option.field] = option.parse(raw)
-        except ValueError as error:
-            raise pytest.UsageError(f"{source}={raw}: {error}") from None
-    return opts.HotswapOptions(**values)  # type: ignore[arg-type]
-
-
-def _xdist_controller(config: pytest.Config) -> bool:
-    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
 
 
 def _ini_dir(config: pytest.Config) -> Path:
