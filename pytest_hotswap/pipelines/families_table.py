@@ -50,6 +50,32 @@ class Family:
 
 # --- shared tiny parts (the fast tests of several families use the same ones) ----------------
 
+
+#: The tiny SD UNet and Flux transformer (diffusers' fast-test sizes); `tiny.py` builds them too.
+UNET_CONFIG: dict[str, Any] = {
+    "block_out_channels": (4, 8),
+    "layers_per_block": 1,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 32,
+    "norm_num_groups": 2,
+}
+
+FLUX_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 4,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "axes_dims_rope": [4, 4, 8],
+}
+
 _CLIP_TEXT = {
     "bos_token_id": 0,
     "eos_token_id": 2,
@@ -127,17 +153,7 @@ FAMILIES: dict[str, Family] = {
             {
                 "unet": Part(
                     "diffusers.UNet2DConditionModel",
-                    {
-                        "block_out_channels": (4, 8),
-                        "layers_per_block": 1,
-                        "sample_size": 32,
-                        "in_channels": 4,
-                        "out_channels": 4,
-                        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-                        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-                        "cross_attention_dim": 32,
-                        "norm_num_groups": 2,
-                    },
+                    UNET_CONFIG,
                 ),
                 "vae": Part(
                     "diffusers.AutoencoderKL",
@@ -269,17 +285,7 @@ FAMILIES: dict[str, Family] = {
             {
                 "transformer": Part(
                     "diffusers.FluxTransformer2DModel",
-                    {
-                        "patch_size": 1,
-                        "in_channels": 4,
-                        "num_layers": 1,
-                        "num_single_layers": 1,
-                        "attention_head_dim": 16,
-                        "num_attention_heads": 2,
-                        "joint_attention_dim": 32,
-                        "pooled_projection_dim": 32,
-                        "axes_dims_rope": [4, 4, 8],
-                    },
+                    FLUX_CONFIG,
                 ),
                 "text_encoder": Part(
                     "transformers.CLIPTextModel", _CLIP_TEXT, config="transformers.CLIPTextConfig"

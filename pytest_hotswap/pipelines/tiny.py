@@ -10,29 +10,7 @@ from typing import Any
 
 import torch
 
-UNET_CONFIG: dict[str, Any] = {
-    "block_out_channels": (4, 8),
-    "layers_per_block": 1,
-    "sample_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "cross_attention_dim": 32,
-    "norm_num_groups": 2,
-}
-
-FLUX_CONFIG: dict[str, Any] = {
-    "patch_size": 1,
-    "in_channels": 4,
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 32,
-    "pooled_projection_dim": 32,
-    "axes_dims_rope": [4, 4, 8],
-}
+from pytest_hotswap.pipelines.families_table import FLUX_CONFIG, UNET_CONFIG
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
