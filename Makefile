@@ -37,9 +37,12 @@ test-slow: venv
 
 # One xdist worker per core; --dist loadgroup keeps each column (pipeline x implementation) on
 # one worker, so its scenarios share the pipelines that worker compiled.
+# Its report (with the time split `make bench` reads: conformance_split) goes to CONFORMANCE_REPORT.
+CONFORMANCE_REPORT ?= bench-results/conformance.json
 conformance: venv
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup --pyargs pytest_hotswap.conformance \
-		--hotswap-backend=inductor --hotswap-max-rank=128 $(ARGS)
+		--hotswap-backend=inductor --hotswap-max-rank=128 \
+		--hotswap-report=$(CONFORMANCE_REPORT) $(ARGS)
 
 # The conformance suite on every built-in pipeline family (eager backend), ending with the
 # family-by-scenario matrix; `make conformance` stays the main job. Each family is saved with

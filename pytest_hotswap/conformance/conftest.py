@@ -4,24 +4,62 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_hotswap.conformance.support import CatalogCase, catalog_for, register_matrix
+from pytest_hotswap.conformance.support import (
+    EAGER_PROPERTY,
+    CatalogCase,
+    catalog_for,
+    register_matrix,
+    take_eager_seconds,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     register_matrix(config)
 
 
+@pytest.hookimpl(tryfirst=True)  # before the teardown report is made from the item
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+    if call.when == "teardown":
+        item.user_properties.append((EAGER_PROPERTY, take_eager_seconds()))
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``pytest-xdist --dist loadgroup``, each column (pipeline x implementation) runs on
-    one worker, so its scenarios share the pipelines that worker built and compiled."""
+    """Each column (pipeline x implementation) runs as one block, its catalog cells last: the
+    scenarios that share a configuration's compiled pipeline run one after the other, and no
+    other column's compiles come between them. Under ``pytest-xdist --dist loadgroup`` each
+    column is one group, so one worker runs it in that order. Verdicts do not depend on the
+    order (the suite's promise); this saves rebuilds, not correctness."""
+    columns: dict[pytest.Item, tuple[str, str]] = {}
+    for item in items:
+        column = _column(item)
+        if column is not None:
+            columns[item] = column
+    order = {column: index for index, column in enumerate(dict.fromkeys(columns.values()))}
+    positions = {item: index for index, item in enumerate(items)}
+    items.sort(
+        key=lambda item: (
+            order.get(columns.get(item), -1),  # type: ignore[arg-type]
+            "catalog_case" in getattr(item, "fixturenames", ()),
+            positions[item],
+        )
+    )
     if not config.pluginmanager.hasplugin("xdist"):
         return
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        column = callspec.params.get("hotswap_pipeline") if callspec is not None else None
-        if column is not None:
-            item.add_marker(pytest.mark.xdist_group("-".join(map(str, column))))
+    for item, column in columns.items():
+        item.add_marker(pytest.mark.xdist_group("-".join(map(str, column))))
+
+
+def _column(item: pytest.Item) -> tuple[str, str] | None:
+    """``(pipeline, implementation)`` of a scenario or catalog cell, else ``None``."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return None
+    column = callspec.params.get("hotswap_pipeline")
+    if column is not None:
+        return tuple(column)  # type: ignore[return-value]
+    case = callspec.params.get("catalog_case")
+    return (case[0], case[1]) if case is not None else None
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -85,6 +85,7 @@ class HotswapReporter:
         if item is not None:
             item.user_properties.extend((name, getattr(record, name)) for name in JUNIT_PROPERTIES)
             item.user_properties.append(("compile_s", round(record.compile_s, 3)))
+            item.user_properties.append(("swap_ms", round(sum(s.ms for s in record.swaps), 3)))
             item.user_properties.append(("device", record.device))
 
     @pytest.hookimpl(trylast=True)
