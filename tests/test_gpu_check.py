@@ -179,3 +179,25 @@ def test_run_plans_for_the_gpus_it_sees_and_reports_per_device(
         {"device": "cuda:0", "tests": 1, "compile_s": 1.0, "test_s": 3.0},
         {"device": "cuda:1", "tests": 1, "compile_s": 2.0, "test_s": 4.0},
     ]
+
+
+def test_the_dry_run_collects_the_conformance_step_for_one_and_two_gpus(tmp_path) -> None:
+    """``make gpu-check-dry`` (not run here: it downloads torch 2.11) rehearses both command
+    lines on the image's pytest-xdist; the one-GPU one without xdist (the negative control)."""
+    from pytest_hotswap.bench import bundle
+
+    commands = {name: args for name, args, _, _ in bundle.dry_commands("py", tmp_path)}
+    collect = tmp_path / "collect"
+    assert commands["collect-gpu-conformance"] == [
+        "py",
+        *_conformance(collect)[1:],
+        "--collect-only",
+    ]
+    assert commands["collect-gpu-conformance-2-gpus"] == [
+        "py",
+        *_conformance(collect, "-n", "2", "--dist", "loadgroup", "--hotswap-devices=auto")[1:],
+        "--collect-only",
+    ]
+    assert commands["no-gpu"] == [
+        *("py", "-m", "pytest_hotswap.bench", "--gpu-check", "--out", f"{tmp_path}/no-gpu")
+    ]
