@@ -151,20 +151,25 @@ def test_run_plans_for_the_gpus_it_sees_and_reports_per_device(
     monkeypatch, capsys, tmp_path
 ) -> None:
     planned: list[tuple[tuple[int, int], int]] = []
-
-    def steps(out: Path, capability: tuple[int, int], gpus: int) -> list[gpu_check.Step]:
-        planned.append((capability, gpus))
-        return [gpu_check.Step("conformance", [sys.executable, "-c", "pass"])]
-
-    monkeypatch.setattr(gpu_check, "gpu", lambda: gpu_check.Gpus(("Fake GPU",) * 2, (9, 0)))
-    monkeypatch.setattr(gpu_check, "steps", steps)
+    made_up = tmp_path / "made-up"
+    made_up.mkdir()
     _report(
-        tmp_path / "conformance.json",
+        made_up / "conformance.json",
         _record("t.py::a", "cuda:0", 1.0),
         _record("t.py::b", "cuda:1", 2.0),
     )
-    _junit(tmp_path / "conformance.xml", ("a", 3.0, "cuda:0"), ("b", 4.0, "cuda:1"))
-    assert gpu_check.run(tmp_path, budget_s=60) == 0
+    _junit(made_up / "conformance.xml", ("a", 3.0, "cuda:0"), ("b", 4.0, "cuda:1"))
+    out_dir = tmp_path / "gpu"
+    # The conformance step writes the made-up report and JUnit XML where the real one would.
+    copy = f"import shutil; shutil.copytree({str(made_up)!r}, {str(out_dir)!r}, dirs_exist_ok=True)"
+
+    def steps(out: Path, capability: tuple[int, int], gpus: int) -> list[gpu_check.Step]:
+        planned.append((capability, gpus))
+        return [gpu_check.Step("conformance", [sys.executable, "-c", copy])]
+
+    monkeypatch.setattr(gpu_check, "gpu", lambda: gpu_check.Gpus(("Fake GPU",) * 2, (9, 0)))
+    monkeypatch.setattr(gpu_check, "steps", steps)
+    assert gpu_check.run(out_dir, budget_s=60) == 0
     assert planned == [((9, 0), 2)]
     out = capsys.readouterr().out
     assert (
@@ -173,12 +178,23 @@ def test_run_plans_for_the_gpus_it_sees_and_reports_per_device(
     )
     assert "gpu-check: per device: cuda:0: 1 test, 3.0 s (1.0 s compiling)\n" in out
     assert "gpu-check: per device: cuda:1: 1 test, 4.0 s (2.0 s compiling)\n" in out
-    summary = json.loads((tmp_path / "gpu-check.json").read_text())
+    summary = json.loads((out_dir / "gpu-check.json").read_text())
     assert summary["gpus"] == ["Fake GPU", "Fake GPU"]
     assert summary["per_device"] == [
         {"device": "cuda:0", "tests": 1, "compile_s": 1.0, "test_s": 3.0},
         {"device": "cuda:1", "tests": 1, "compile_s": 2.0, "test_s": 4.0},
     ]
+
+    # Negative control: a conformance step that writes nothing (stopped at its limit) leaves the
+    # earlier run's report behind in the folder; it is not counted again.
+    monkeypatch.setattr(
+        gpu_check,
+        "steps",
+        lambda out, capability, gpus: [gpu_check.Step("conformance", [sys.executable, "-c", ""])],
+    )
+    assert gpu_check.run(out_dir, budget_s=60) == 0
+    assert "gpu-check: per device: none (no conformance report)\n" in capsys.readouterr().out
+    assert json.loads((out_dir / "gpu-check.json").read_text())["per_device"] == []
 
 
 def test_the_dry_run_collects_the_conformance_step_for_one_and_two_gpus(tmp_path) -> None:

@@ -16,9 +16,10 @@ under ``DIR``:
    (:func:`per_device`); the bench steps run on the first GPU.
 
 Every step's output goes to ``DIR/<step>.log``; ``DIR/gpu-check.json`` says what ran, how long,
-how it ended, and the per-device totals. The whole check has ``BUDGET_S`` (8 minutes on an H100-class GPU), each bench
-step at most its ``BENCH_CAPS_S`` so the conformance suite keeps the rest; a step still running
-at its limit is stopped (its process group killed) and fails the check. Exit status: 0 when
+how it ended, and the per-device totals. The whole check has ``BUDGET_S`` (8 minutes on an
+H100-class GPU), each bench step at most its ``BENCH_CAPS_S`` so the conformance suite keeps the
+rest; a step still running at its limit is stopped (its process group killed) and fails the
+check. Exit status: 0 when
 every step passed, 1 when one failed, 2 when there is no CUDA GPU (nothing is run then).
 """
 
@@ -51,6 +52,9 @@ GPU_MEASUREMENTS = (
     "plugin_overhead",
     "slots",
 )
+#: The conformance step's hotswap report and JUnit XML, under ``DIR``.
+REPORT = "conformance.json"
+JUNIT = "conformance.xml"
 
 
 class NoGpuError(RuntimeError):
@@ -128,8 +132,8 @@ def steps(out: Path, capability: tuple[int, int], gpus: int = 1) -> list[Step]:
         "pytest_hotswap.conformance",
         "--hotswap-device=cuda",
         "--hotswap-mode=reduce-overhead",
-        f"--hotswap-report={out / 'conformance.json'}",
-        f"--junitxml={out / 'conformance.xml'}",
+        f"--hotswap-report={out / REPORT}",
+        f"--junitxml={out / JUNIT}",
     ]
     if capability >= (8, 9):
         conformance.append("--hotswap-quantize=float8-dynamic")
@@ -172,6 +176,8 @@ def run(out: Path, budget_s: float = BUDGET_S) -> int:
         print(f"gpu-check: FAILED: {error}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    for stale in REPORT, JUNIT:  # an earlier run's, which per_device must not count
+        (out / stale).unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
     planned = steps(out, gpus.capability, gpus.count)
@@ -186,7 +192,7 @@ def run(out: Path, budget_s: float = BUDGET_S) -> int:
         print(f"gpu-check: {step.name}: {' '.join(step.command)}", flush=True)
         step.status, step.seconds = _run_step(step, out / f"{step.name}.log", env, left)
         print(f"gpu-check: {step.name}: {step.status} in {step.seconds:.0f} s", flush=True)
-    devices = per_device(out / "conformance.json", out / "conformance.xml")
+    devices = per_device(out / REPORT, out / JUNIT)
     for line in per_device_lines(devices):
         print(f"gpu-check: {line}")
     summary: dict[str, Any] = {
