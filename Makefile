@@ -84,9 +84,10 @@ bench: venv
 bench-smoke: venv
 	$(BIN)/python -m pytest_hotswap.bench --smoke --out bench-results/smoke $(ARGS)
 
-# One prepared script for a machine with one CUDA GPU and no network: the bench in GPU mode
-# (bf16, inductor max-autotune-no-cudagraphs and reduce-overhead) and the conformance suite on
-# cuda, everything under bench-results/gpu, < 8 minutes; fails loudly (exit 2) without a GPU.
+# One prepared script for a machine with CUDA GPUs and no network: the bench in GPU mode
+# (bf16, inductor max-autotune-no-cudagraphs and reduce-overhead) on the first GPU and the
+# conformance suite on cuda (one xdist worker per GPU where torch sees several; tests and seconds
+# per device), everything under bench-results/gpu, < 8 minutes; fails loudly (exit 2) without a GPU.
 #
 # A GPU machine without network (docs/gpu.md): `make gpu-bundle` here writes gpu-bundle/ (the
 # project's wheel and the wheels that machine lacks, never torch, <= 64 MiB, manifest.json); there
@@ -115,8 +116,8 @@ gpu-bundle: venv
 	$(BIN)/python -m pytest_hotswap.bench.bundle build --out $(GPU_BUNDLE)
 
 # The bundle on torch 2.11.0 without a GPU, as the GPU image would take it: imports, manifest,
-# the no-GPU exit, the GPU conformance options collected, a few eager scenarios. Not in CI (torch
-# 2.11.0 is a CUDA build of several GB); bench-results/gpu-dry.
+# the no-GPU exit, the GPU conformance options collected (for one GPU and for two: -n 2), a few
+# eager scenarios. Not in CI (torch 2.11.0 is a CUDA build of several GB); bench-results/gpu-dry.
 gpu-check-dry: gpu-bundle
 	test -x $(GPU_DRY_VENV)/bin/python || $(PYTHON) -m venv $(GPU_DRY_VENV)
 	PIP_CONSTRAINT= $(GPU_DRY_VENV)/bin/python -m pip install --quiet $(GPU_DRY_IMAGE)

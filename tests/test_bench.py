@@ -279,11 +279,11 @@ def test_gpu_check_writes_logs_and_summary_and_fails_on_a_failed_or_late_step(
     monkeypatch, capsys, tmp_path
 ) -> None:
     python = sys.executable
-    monkeypatch.setattr(gpu_check, "gpu", lambda: ("Fake GPU", (9, 0)))
+    monkeypatch.setattr(gpu_check, "gpu", lambda: gpu_check.Gpus(("Fake GPU",), (9, 0)))
     monkeypatch.setattr(
         gpu_check,
         "steps",
-        lambda out, capability: [
+        lambda out, capability, gpus: [
             gpu_check.Step("ok", [python, "-c", "print('fine')"]),
             gpu_check.Step("broken", [python, "-c", "raise SystemExit(3)"]),
             gpu_check.Step("slow", [python, "-c", "import time; time.sleep(60)"]),

@@ -325,7 +325,8 @@ def check(bundle: Path, target: Path, out: Path, *, dry: bool = False) -> int:
 
 
 #: The dry run's steps: (name, command after ``python -m``, the exit status it must give, a
-#: line its output must hold). The conformance options are the GPU check's own (collected only).
+#: line its output must hold). The conformance options are the GPU check's own (collected only),
+#: for one GPU and for two (one pytest-xdist worker per GPU: the options must be accepted).
 DRY_STEPS: tuple[tuple[str, list[str], int, str], ...] = (
     (
         "no-gpu",
@@ -334,6 +335,12 @@ DRY_STEPS: tuple[tuple[str, list[str], int, str], ...] = (
         "gpu-check: FAILED: gpu-check needs a CUDA GPU",
     ),
     ("collect-gpu-conformance", ["{conformance}", "--collect-only"], 0, " tests collected in "),
+    (
+        "collect-gpu-conformance-2-gpus",
+        ["{conformance-2-gpus}", "--collect-only"],
+        0,
+        " tests collected in ",
+    ),
     (
         "eager-conformance",
         [
@@ -355,16 +362,27 @@ DRY_STEPS: tuple[tuple[str, list[str], int, str], ...] = (
 )
 
 
-def _dry(python: str, env: dict[str, str], out: Path) -> int:
+def dry_commands(python: str, out: Path) -> list[tuple[str, list[str], int, str]]:
+    """:data:`DRY_STEPS` as command lines for ``python``, writing under ``out``."""
     from pytest_hotswap.bench import gpu_check
 
-    out.mkdir(parents=True, exist_ok=True)
-    conformance = gpu_check.steps(out / "collect", (9, 0))[-1].command[2:]
-    failed = []
+    conformance = {
+        "{conformance}": gpu_check.steps(out / "collect", (9, 0))[-1].command[2:],
+        "{conformance-2-gpus}": gpu_check.steps(out / "collect", (9, 0), 2)[-1].command[2:],
+    }
+    commands = []
     for name, command, code, expected in DRY_STEPS:
         args = [python, "-m"]
         for arg in command:
-            args += conformance if arg == "{conformance}" else [arg.format(out=out)]
+            args += conformance[arg] if arg in conformance else [arg.format(out=out)]
+        commands.append((name, args, code, expected))
+    return commands
+
+
+def _dry(python: str, env: dict[str, str], out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name, args, code, expected in dry_commands(python, out):
         log = out / f"{name}.log"
         print(f"gpu-check-dry: {name}: {' '.join(args)}", flush=True)
         with log.open("w") as output:
