@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from pytest_hotswap.bench import split
-from pytest_hotswap.conformance.support import DEFECT_BACKEND, EAGER_PROPERTY, TimeSplit
+from pytest_hotswap.conformance.matrix import TimeSplit
+from pytest_hotswap.conformance.support import DEFECT_BACKEND, EAGER_PROPERTY
 
 
 def _report(when: str, duration: float, **properties: float) -> SimpleNamespace:
@@ -90,7 +91,10 @@ def test_known_defect_cells_compile_with_eager(tmp_path):
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
     tests = {t["nodeid"].rsplit("::", 1)[1]: t for t in json.loads(report.read_text())["tests"]}
-    defect, passing = tests["test_strength_change[flux]"], tests["test_same_rank[flux]"]
+    defect, passing = (
+        tests["test_strength_change[flux-diffusers]"],
+        tests["test_same_rank[flux-diffusers]"],
+    )
     assert (defect["outcome"], defect["context"]["backend"]) == ("xfailed", DEFECT_BACKEND)
     assert (passing["outcome"], passing["context"]["backend"]) == ("passed", "aot_eager")
     assert "upstream defect cells compile with eager" in done.stdout

@@ -1,14 +1,14 @@
-"""Hooks and fixtures of the conformance suite; its library is :mod:`.support`."""
+"""Hooks and fixtures of the conformance suite; its library is :mod:`.support`, the matrix :mod:`.matrix`."""
 
 from __future__ import annotations
 
 import pytest
 
+from pytest_hotswap.conformance.matrix import register_matrix
 from pytest_hotswap.conformance.support import (
     EAGER_PROPERTY,
     CatalogCase,
     catalog_for,
-    register_matrix,
     take_eager_seconds,
 )
 

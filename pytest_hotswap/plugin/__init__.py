@@ -92,7 +92,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = session
     check_implementations(session)
     if is_xdist_controller(config) and any("conformance" in str(arg) for arg in config.args):
-        from pytest_hotswap.conformance.support import register_matrix
+        from pytest_hotswap.conformance.matrix import register_matrix
 
         register_matrix(config)  # the suite's own conftest loads in the workers only
 
