@@ -40,7 +40,9 @@ nox.options.sessions = ["oldest", "pinned", "newest", "combine"]
 #: does: eager (dynamo's guards decide recompiles the same way for every backend; `make
 #: conformance` covers inductor) and the product's max rank. Extra pytest arguments after `--`
 #: (`make stacks ARGS="-- ..."`) apply to every stack alike.
-OPTIONS = ["--hotswap-backend=eager", "--hotswap-max-rank=128"]
+# The same options on every stack (eager: dynamo's guards decide recompiles the same way for every
+# backend), one xdist worker per core with each column on one worker, as `make conformance`.
+OPTIONS = ["--hotswap-backend=eager", "--hotswap-max-rank=128", "-n", "auto", "--dist", "loadgroup"]
 
 #: name -> (requirements, use constraints.txt). The oldest stack is the oldest set on which the
 #: fixtures, the marker and the reference work and the suite passes, on torch 2.13.0 with
@@ -87,6 +89,7 @@ def _run_stack(session: nox.Session, name: str) -> None:
         "-e",
         ".[quant]",
         "pytest",
+        "pytest-xdist",
         f"torch=={TORCH}",
         *requirements,
     )
