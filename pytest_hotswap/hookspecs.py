@@ -56,7 +56,10 @@ def pytest_hotswap_recompile(item: pytest.Item, event: CompileEvent) -> None:
     report section added here shows with the test.
 
     ``event.reasons`` holds dynamo's guard-failure texts and ``event.step`` the label of the swap
-    the recompile followed::
+    the recompile followed. A layout change and the recompile it caused are one event:
+    ``event.caused`` describes that recompile and ``event.guards`` its failed guards.
+    ``event.stopped_at_guard`` is true when ``no_recompile`` refused the recompile at its guard
+    (the allowance was spent), so nothing compiled and the test ended there::
 
         # conftest.py
         def pytest_hotswap_recompile(item, event):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -435,3 +436,14 @@ def test_any_json_is_a_report_or_a_report_error(data):
         ):
             assert isinstance(test.metric(metric), (int, float)) and test.metric(metric) >= 0
     compare(report, report, parse_fail_on("recompiles:0,compile_s:+50%,swap_ms:+10%"))
+
+
+def test_summary_counts_the_tests_stopped_at_the_guard(regressed):
+    assert not any(line.startswith("stopped at the guard") for line in regressed.summary_lines())
+    stopped = Report(
+        tests=[dataclasses.replace(t, stopped_at_guard=t.nodeid == SWAP) for t in regressed.tests]
+    )
+    assert stopped.summary_lines()[2] == (
+        "stopped at the guard: 1 test (a recompile past the allowance was refused before "
+        "compiling; --hotswap-count-all compiles on)"
+    )

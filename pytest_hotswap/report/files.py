@@ -157,6 +157,12 @@ class Report:
             f"graph breaks: {sum(t.graph_breaks for t in tests)}",
             f"compile time: {sum(t.compile_s for t in tests):.2f} s, median swap: {median}",
         ]
+        stopped = sum(t.stopped_at_guard for t in tests)
+        if stopped:
+            lines.append(
+                f"stopped at the guard: {stopped} test{'s' if stopped != 1 else ''} (a recompile "
+                "past the allowance was refused before compiling; --hotswap-count-all compiles on)"
+            )
         if self.timing_note:
             lines.append(f"({self.timing_note})")
         ranked = sorted(
