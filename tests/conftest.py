@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
@@ -24,8 +24,15 @@ def reference_compile_environment() -> Iterator[None]:
 SLOW_FIXTURES = frozenset({"conformance_run", "smoke", "batch"})
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True)  # before -m deselects; after pytest-xdist names the groups
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> Generator[None, None, None]:
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    result = yield
+    from pytest_hotswap.plugin.xdist_groups import restore_group_suffixes
+
+    restore_group_suffixes(config, items)  # `make test`'s --dist loadgroup (xdist#1386)
+    return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import pytest
 
 from pytest_hotswap.conformance.matrix import register_matrix
@@ -23,13 +25,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         item.user_properties.append((EAGER_PROPERTY, take_eager_seconds()))
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True)  # around pytest-xdist's, which reads the groups
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> Generator[None, None, None]:
     """Each column (pipeline x implementation) runs as one block, its catalog cells last: the
     scenarios that share a configuration's compiled pipeline run one after the other, and no
     other column's compiles come between them. Under ``pytest-xdist --dist loadgroup`` each
     column is one group, so one worker runs it in that order. Verdicts do not depend on the
     order (the suite's promise); this saves rebuilds, not correctness."""
+    _group_by_column(config, items)
+    result = yield
+    from pytest_hotswap.plugin.xdist_groups import restore_group_suffixes
+
+    restore_group_suffixes(config, items)  # pytest-xdist#1386: see the module
+    return result
+
+
+def _group_by_column(config: pytest.Config, items: list[pytest.Item]) -> None:
     columns: dict[pytest.Item, tuple[str, str]] = {}
     for item in items:
         column = _column(item)

@@ -49,7 +49,9 @@ def _verdict(report: pytest.TestReport) -> str | None:
 
 def _cell(report: pytest.TestReport) -> tuple[str, str] | None:
     """``.../test_conformance.py::test_same_rank[sd-diffusers]`` -> (same rank, sd-diffusers)."""
-    nodeid = report.nodeid
+    from pytest_hotswap.plugin.xdist_groups import strip_group_suffix
+
+    nodeid = strip_group_suffix(report.nodeid)
     if "::test_" not in nodeid or "[" not in nodeid:
         return None
     name, _, param = nodeid.rsplit("::", 1)[1].partition("[")
