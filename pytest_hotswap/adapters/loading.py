@@ -29,6 +29,18 @@ if TYPE_CHECKING:
 #: The adapter name the first load and every swap use.
 ADAPTER_NAME = "default"
 
+#: A pipeline trait (:func:`pipeline_traits`): a LoRA-loadable text encoder none of whose layers
+#: has a name diffusers' text-encoder loader knows (``_load_lora_into_text_encoder`` converts keys
+#: and reads ranks by CLIP's names, ``q_proj`` ... ``fc2``), such as Chroma's T5
+#: (``SelfAttention.q`` ...). A known defect may need it (``KnownDefect.only_with``).
+TEXT_ENCODER_OUTSIDE_KEY_TABLES = "a text encoder outside diffusers' text-encoder key tables"
+
+
+class AdapterLoadError(ValueError):
+    """A plain load of an adapter through the pipeline's own LoRA loader raised: the message
+    names the loader and the adapter, the loader's error is the cause."""
+
+
 LoraSource = Union[str, "os.PathLike[str]", Mapping[str, "torch.Tensor"]]
 """A LoRA adapter: a path to a ``.safetensors`` file or a state dict."""
 
@@ -44,7 +56,13 @@ def load_first_adapter(
     if spec.has_lora_loader:
         with quiet_diffusers():
             for kwargs in [{}, *other_denoiser_routes(spec)]:
-                spec.pipe.load_lora_weights(loadable(lora), adapter_name=adapter_name, **kwargs)
+                try:
+                    spec.pipe.load_lora_weights(loadable(lora), adapter_name=adapter_name, **kwargs)
+                except (ValueError, KeyError, IndexError, RuntimeError) as error:
+                    raise AdapterLoadError(
+                        f"{_loader_name(spec.pipe)} could not load {describe_adapter(lora)}: "
+                        f"{type(error).__name__}: {error}"
+                    ) from error
         return
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
@@ -57,6 +75,29 @@ def load_first_adapter(
             f"adapter keys match no LoRA layer of {type(spec.denoiser).__name__}: "
             f"{', '.join(unexpected[:5])}; write the adapter for this model (PEFT key format)"
         )
+
+
+def _loader_name(pipe: Any) -> str:
+    """``ChromaPipeline's LoRA loader (FluxLoraLoaderMixin.load_lora_weights)``."""
+    from pytest_hotswap.pipelines.families_driver import UnsupportedPipelineError, lora_loader
+
+    try:
+        loader = lora_loader(pipe).__name__
+    except UnsupportedPipelineError:
+        loader = type(pipe).__name__
+    return f"{type(pipe).__name__}'s LoRA loader ({loader}.load_lora_weights)"
+
+
+def pipeline_traits(spec: PipelineSpec) -> frozenset[str]:
+    """What a known defect may need of a pipeline, read off its LoRA-loadable components (never
+    off its name): :data:`TEXT_ENCODER_OUTSIDE_KEY_TABLES`."""
+    from pytest_hotswap.reference.formats import text_encoder_spec
+
+    traits = set()
+    encoders = spec.text_encoders().items()
+    if any(text_encoder_spec(name, module).peft_only for name, module in encoders):
+        traits.add(TEXT_ENCODER_OUTSIDE_KEY_TABLES)
+    return frozenset(traits)
 
 
 def other_denoiser_routes(spec: PipelineSpec) -> list[dict[str, Any]]:
