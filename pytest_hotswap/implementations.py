@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pytest_hotswap.adapters.loading import (
     ADAPTER_NAME,
     load_first_adapter,
+    load_routes,
     loadable,
-    other_denoiser_routes,
+    named_denoisers,
     quiet_diffusers,
     read_peft_adapter,
+    zero_adapter,
 )
 from pytest_hotswap.adapters.verdicts import first_file_refusals
 from pytest_hotswap.defects import DIFFUSERS_DEFECTS, PEFT_DEFECTS, REFERENCE_DEFECTS
@@ -235,11 +237,16 @@ class DiffusersImplementation(Implementation):
             PeftImplementation().swap(spec, lora, slot=slot)
             return
         name = slot_adapter_name(slot)
+        named = named_denoisers(spec, lora)
         with quiet_diffusers():  # every denoiser in one swap: Wan 2.2's experts both
-            for kwargs in [{}, *other_denoiser_routes(spec)]:
+            for kwargs in load_routes(spec, lora):
                 spec.pipe.load_lora_weights(
                     loadable(lora), hotswap=True, adapter_name=name, **kwargs
                 )
+        if named is not None:  # for some experts only: the others' LoRA to zero, as PEFT does
+            for denoiser, module in zip(spec.denoiser_names(), spec.denoisers, strict=True):
+                if denoiser not in named:
+                    zero_adapter(module, name)
 
     def strength(
         self, pipeline: HotswapPipeline, scale: float, *, slot: int | None = None

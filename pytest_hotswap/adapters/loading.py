@@ -51,11 +51,12 @@ def load_first_adapter(
     """A plain (non-hotswap) load of ``lora`` as adapter ``"default"`` (or ``adapter_name``).
 
     Through a diffusers loader, the file also goes into every other denoiser the loader reaches
-    with the first one's keys (Wan 2.2's ``transformer_2``: ``load_into_transformer_2=True``).
+    with the first one's keys (Wan 2.2's ``transformer_2``: ``load_into_transformer_2=True``),
+    or only into the denoisers it names (:func:`named_denoisers`).
     """
     if spec.has_lora_loader:
         with quiet_diffusers():
-            for kwargs in [{}, *other_denoiser_routes(spec)]:
+            for kwargs in load_routes(spec, lora):
                 try:
                     spec.pipe.load_lora_weights(loadable(lora), adapter_name=adapter_name, **kwargs)
                 except (ValueError, KeyError, IndexError, RuntimeError) as error:
@@ -110,6 +111,50 @@ def other_denoiser_routes(spec: PipelineSpec) -> list[dict[str, Any]]:
 
     routes = [lora_route(spec.pipe, name) for name in spec.denoiser_names()[1:]]
     return [route.load_kwargs for route in routes if route.load_kwargs]
+
+
+def named_denoisers(spec: PipelineSpec, lora: LoraSource) -> tuple[str, ...] | None:
+    """The denoisers of ``spec`` an adapter file names in its metadata (``hotswap_denoisers``,
+    ``make_lora(..., denoisers=...)``), else ``None``: every denoiser its loader reaches. Read
+    only for a pipeline with several denoisers (Wan 2.2), so no other swap pays for it."""
+    if isinstance(lora, Mapping) or not spec.has_lora_loader or len(spec.denoisers) < 2:
+        return None
+    named = read_header(lora).denoisers
+    if named is None:
+        return None
+    unknown = [name for name in named if name not in spec.denoiser_names()]
+    if unknown:
+        raise ValueError(
+            f"{describe_adapter(lora)} is for {', '.join(named)}; {spec.name} has no "
+            f"{', '.join(unknown)} (its denoisers: {', '.join(spec.denoiser_names())})"
+        )
+    return named
+
+
+def load_routes(spec: PipelineSpec, lora: LoraSource) -> list[dict[str, Any]]:
+    """The ``load_lora_weights`` keywords of each load that puts ``lora`` where it belongs: the
+    plain load (its own key prefixes), then each other denoiser's route; for an adapter that
+    names its denoisers, the route of each of those only."""
+    named = named_denoisers(spec, lora)
+    if named is None:
+        return [{}, *other_denoiser_routes(spec)]
+    from pytest_hotswap.pipelines.families_driver import lora_route
+
+    routes: list[dict[str, Any]] = []
+    for name in named:
+        kwargs = lora_route(spec.pipe, name).load_kwargs
+        if kwargs not in routes:  # two denoisers the plain load reaches: one load
+            routes.append(kwargs)
+    return routes
+
+
+def zero_adapter(model: torch.nn.Module, adapter_name: str) -> None:
+    """What PEFT's hotswap does to every layer a new adapter leaves out: set its LoRA weights to
+    zero in place (shapes, scalings and compiled code untouched), here for the whole model."""
+    from peft.utils.hotswap import hotswap_adapter_from_state_dict
+
+    config = model.peft_config[adapter_name]
+    hotswap_adapter_from_state_dict(model, {}, adapter_name, config)
 
 
 def read_peft_adapter(
