@@ -25,13 +25,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pytest_hotswap.adapters.loading import (
     ADAPTER_NAME,
     load_first_adapter,
+    load_routes,
     loadable,
-    other_denoiser_routes,
+    named_denoisers,
     quiet_diffusers,
     read_peft_adapter,
+    zero_adapter,
 )
 from pytest_hotswap.adapters.verdicts import first_file_refusals
-from pytest_hotswap.stacks import VERIFIED, KnownDefect
+from pytest_hotswap.defects import DIFFUSERS_DEFECTS, PEFT_DEFECTS, REFERENCE_DEFECTS
+from pytest_hotswap.stacks import KnownDefect
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -152,43 +155,29 @@ class Implementation:
         """
         return (ValueError, RuntimeError)
 
-    def defects_for(self, stack: Mapping[str, str] | None = None) -> list[KnownDefect]:
+    def defects_for(
+        self, stack: Mapping[str, str] | None = None, traits: frozenset[str] | None = None
+    ) -> list[KnownDefect]:
         """One known defect per scenario: the one verified on ``stack`` (the installed one by
-        default) where a defect shows differently across versions, else the first listed."""
+        default) where a defect shows differently across versions, else the first listed.
+        ``traits``: a pipeline's (``adapters.loading.pipeline_traits``), leaving out the defects
+        it does not show; ``None``: every defect (the stack's verdict counts them all)."""
         chosen: dict[str, KnownDefect] = {}
         for defect in self.known_defects:
+            if traits is not None and not defect.shows_with(traits):
+                continue
             if defect.scenario not in chosen or (
                 not chosen[defect.scenario].verified_on(stack) and defect.verified_on(stack)
             ):
                 chosen[defect.scenario] = defect
         return list(chosen.values())
 
-    def defect(self, scenario: str) -> KnownDefect | None:
-        return next((d for d in self.defects_for() if d.scenario == scenario), None)
+    def defect(self, scenario: str, traits: frozenset[str] = frozenset()) -> KnownDefect | None:
+        """The known defect of ``scenario`` on a pipeline with ``traits``, if any."""
+        return next((d for d in self.defects_for(traits=traits) if d.scenario == scenario), None)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
-
-
-_RANK_PATTERN_DEFECT = (
-    "PEFT's hotswap_adapter_from_state_dict looks rank_pattern / alpha_pattern up with the "
-    "parameter key ('<layer>.lora_A.<adapter>.weight'), which no pattern matches, so every layer "
-    "is scaled lora_alpha / r: a layer with its own rank or alpha gets the wrong scaling, and the "
-    "output is not that of a plain load (huggingface/peft#3738, fixed on PEFT's main by #3752)"
-)
-
-
-_SET_ADAPTERS_RECOMPILES = (
-    "set_adapters writes each adapter's weight into PEFT's scaling as a Python float, which "
-    "dynamo guards on: switching a slot off or on, or any new weight, recompiles "
-    "(huggingface/diffusers#11408)"
-)
-_SET_ADAPTERS_AFTER_HOTSWAP = (
-    "PEFT's hotswap writes the new adapter's scaling but keeps the replaced adapter's lora_alpha "
-    "and r, from which set_adapters computes every later weight: the swapped-in adapter is "
-    "scaled with the old one's alpha / r, so the output is not that of a plain load (and each "
-    "new weight recompiles, huggingface/diffusers#11408)"
-)
 
 
 def slot_adapter_name(slot: int) -> str:
@@ -203,55 +192,7 @@ class DiffusersImplementation(Implementation):
     name = "diffusers"
     description = "diffusers + PEFT as installed (load_lora_weights(hotswap=True))"
     features = frozenset({FEATURE_SLOTS, FEATURE_DENOISERS})
-    known_defects = (
-        KnownDefect(
-            "rank_over_max",
-            "diffusers/PEFT do not refuse an adapter above enable_lora_hotswap(target_rank): the "
-            "LoRA parameter silently grows and the next call recompiles",
-            KnownDefect.NOT_REJECTED,
-            verified=VERIFIED,
-        ),
-        KnownDefect(
-            "superset_targets",
-            "PEFT refuses keys the first adapter lacks, then diffusers' load_lora_adapter deletes "
-            "the loaded adapter: the next call recompiles and runs without any LoRA",
-            KnownDefect.MODEL_CHANGED,
-            verified=VERIFIED,
-        ),
-        KnownDefect(
-            "text_encoder_keys",
-            "load_lora_weights(hotswap=True) swaps the denoiser first and fails on the "
-            "text-encoder keys only afterwards: the model is left half-swapped",
-            KnownDefect.MODEL_CHANGED,
-            verified=VERIFIED,
-        ),
-        KnownDefect(
-            "rank_pattern",
-            _RANK_PATTERN_DEFECT,
-            KnownDefect.WRONG_OUTPUT,
-            verified=VERIFIED,
-        ),
-        KnownDefect(
-            "other_tuner",
-            "PEFT refuses a DoRA adapter in a hotswap, then diffusers' load_lora_adapter deletes "
-            "the loaded adapter: the next call recompiles and runs without any LoRA",
-            KnownDefect.MODEL_CHANGED,
-            verified=VERIFIED,
-        ),
-        KnownDefect(
-            "strength_change",
-            "diffusers changes LoRA strength through a Python float (the `scale` call argument): "
-            "every new value recompiles",
-            KnownDefect.RECOMPILES,
-            verified=VERIFIED,
-        ),
-        KnownDefect(
-            "two_adapters", _SET_ADAPTERS_AFTER_HOTSWAP, KnownDefect.WRONG_OUTPUT, verified=VERIFIED
-        ),
-        KnownDefect(
-            "slot_off_on", _SET_ADAPTERS_RECOMPILES, KnownDefect.RECOMPILES, verified=VERIFIED
-        ),
-    )
+    known_defects = DIFFUSERS_DEFECTS
 
     def __init__(self) -> None:
         # The weight of each slot, per diffusers pipeline (set_adapters takes them all at once).
@@ -296,11 +237,16 @@ class DiffusersImplementation(Implementation):
             PeftImplementation().swap(spec, lora, slot=slot)
             return
         name = slot_adapter_name(slot)
+        named = named_denoisers(spec, lora)
         with quiet_diffusers():  # every denoiser in one swap: Wan 2.2's experts both
-            for kwargs in [{}, *other_denoiser_routes(spec)]:
+            for kwargs in load_routes(spec, lora):
                 spec.pipe.load_lora_weights(
                     loadable(lora), hotswap=True, adapter_name=name, **kwargs
                 )
+        if named is not None:  # for some experts only: the others' LoRA to zero, as PEFT does
+            for denoiser, module in zip(spec.denoiser_names(), spec.denoisers, strict=True):
+                if denoiser not in named:
+                    zero_adapter(module, name)
 
     def strength(
         self, pipeline: HotswapPipeline, scale: float, *, slot: int | None = None
@@ -328,28 +274,7 @@ class PeftImplementation(Implementation):
     description = (
         "PEFT directly (prepare_model_for_compiled_hotswap, hotswap_adapter_from_state_dict)"
     )
-    known_defects = (
-        KnownDefect(
-            "rank_over_max",
-            "PEFT's hotswap_adapter_from_state_dict does not refuse a rank above the prepared "
-            "target_rank: the LoRA parameter grows and the next call recompiles",
-            KnownDefect.NOT_REJECTED,
-            verified={"peft": VERIFIED["peft"]},
-        ),
-        KnownDefect(
-            "rank_pattern",
-            _RANK_PATTERN_DEFECT,
-            KnownDefect.WRONG_OUTPUT,
-            verified={"peft": VERIFIED["peft"]},
-        ),
-        KnownDefect(
-            "strength_change",
-            "PEFT sets strength with LoraLayer.set_scale, which writes a Python float over the "
-            "scaling tensor: every new value recompiles",
-            KnownDefect.RECOMPILES,
-            verified={"peft": VERIFIED["peft"]},
-        ),
-    )
+    known_defects = PEFT_DEFECTS
 
     def after_load(self, spec: PipelineSpec, preparation: Preparation) -> None:
         from peft.utils.hotswap import prepare_model_for_compiled_hotswap
@@ -388,6 +313,7 @@ class ReferenceImplementation(Implementation):
     name = "reference"
     description = "pytest-hotswap's strict, atomic reference (pytest_hotswap.reference)"
     features = frozenset({FEATURE_TARGETS, FEATURE_TEXT_ENCODER, FEATURE_SLOTS})
+    known_defects = REFERENCE_DEFECTS
     keeps_strength = True
     inspect_label = "reference (union padding)"
     refuses_peft_native_keys = True

@@ -88,7 +88,9 @@ class KnownDefect:
 
     ``failure`` is how it shows (one of the class constants). ``verified`` maps a package to the
     ``packaging`` specifier of the versions the defect was reproduced on; a stack matches when
-    every listed package's installed version is inside its specifier.
+    every listed package's installed version is inside its specifier. ``only_with`` is a pipeline
+    trait (``pytest_hotswap.adapters.loading.pipeline_traits``: what a pipeline's components are,
+    never its name) the defect shows with; empty: it shows on every pipeline.
     """
 
     NOT_REJECTED: ClassVar[str] = (
@@ -97,12 +99,21 @@ class KnownDefect:
     MODEL_CHANGED: ClassVar[str] = "model changed"  # a swap that raised left the model changed
     RECOMPILES: ClassVar[str] = "recompiles"  # the no_recompile marker fails the test
     WRONG_OUTPUT: ClassVar[str] = "wrong output"  # the output differs from a fresh eager load
-    FAILURES: ClassVar[tuple[str, ...]] = (NOT_REJECTED, MODEL_CHANGED, RECOMPILES, WRONG_OUTPUT)
+    #: a plain load of a valid adapter through the pipeline's own LoRA loader raises
+    LOAD_FAILS: ClassVar[str] = "load fails"
+    FAILURES: ClassVar[tuple[str, ...]] = (
+        NOT_REJECTED,
+        MODEL_CHANGED,
+        RECOMPILES,
+        WRONG_OUTPUT,
+        LOAD_FAILS,
+    )
 
     scenario: str
     reason: str
     failure: str
     verified: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    only_with: str = ""
 
     def __post_init__(self) -> None:
         if self.failure not in self.FAILURES:
@@ -123,6 +134,10 @@ class KnownDefect:
             ):
                 return False
         return True
+
+    def shows_with(self, traits: frozenset[str] | set[str]) -> bool:
+        """Whether it shows on a pipeline with ``traits`` (see ``only_with``)."""
+        return not self.only_with or self.only_with in traits
 
     def describe_range(self) -> str:
         return ", ".join(f"{package}{spec}" for package, spec in self.verified.items())

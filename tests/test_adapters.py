@@ -10,6 +10,7 @@ import torch
 
 from pytest_hotswap import pipelines
 from pytest_hotswap.adapters import lora_targets, make_lora
+from pytest_hotswap.adapters.header import AdapterFileError, read_header
 
 # Its module fixtures are built once, on one worker.
 pytestmark = pytest.mark.xdist_group("adapters")
@@ -292,3 +293,29 @@ def test_lora_factory_fixture_writes_rank_and_alpha_patterns(lora_factory):
     assert shapes[f"transformer.{name}.lora_A.weight"] == (4, 256)
     dora, _ = config_of(lora_factory("flux", rank=4, use_dora=True))
     assert dora["transformer.use_dora"] is True
+
+
+def test_an_adapter_for_named_denoisers_says_so_in_its_metadata(sd_pipe, flux_pipe, tmp_path):
+    file = make_lora(flux_pipe, tmp_path, rank=4, denoisers=["transformer"])
+    header = read_header(file)
+    assert header.denoisers == ("transformer",)
+    assert file.name == "lora_transformer_r4_a4_all_for-transformer_diffusers_s0.safetensors"
+    assert read_header(make_lora(flux_pipe, tmp_path, rank=4)).denoisers is None  # control
+    with pytest.raises(ValueError, match="denoisers= needs a pipeline"):
+        make_lora(sd_pipe.unet, tmp_path, denoisers=["unet"])
+    with pytest.raises(
+        ValueError,
+        match=r"denoisers=\['transformer_2'\]: name one or more of FluxPipeline's "
+        r"LoRA-loadable denoisers \(transformer\)",
+    ):
+        make_lora(flux_pipe, tmp_path, denoisers=["transformer_2"])
+    with pytest.raises(ValueError, match="written in fmt='diffusers' only, not fmt='peft'"):
+        make_lora(flux_pipe, tmp_path, denoisers=["transformer"], fmt="peft")
+
+
+def test_a_denoisers_entry_that_is_not_a_list_of_names_is_refused(tmp_path):
+    path = tmp_path / "odd.safetensors"
+    tensors = {"transformer.x.lora_A.weight": torch.zeros(2, 3)}
+    safetensors.torch.save_file(tensors, str(path), metadata={"hotswap_denoisers": "transformer"})
+    with pytest.raises(AdapterFileError, match="is not a JSON list of denoiser names"):
+        _ = read_header(path).denoisers

@@ -10,6 +10,7 @@ already hold adapters, may be compiled or quantized, and a large one is not dupl
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from pytest_hotswap.adapters.header import DENOISERS_KEY
 from pytest_hotswap.reference.components import (
     denoiser_prefix,
     find_denoiser,
@@ -55,6 +57,7 @@ def make_lora(
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
     use_dora: bool = False,
+    denoisers: Sequence[str] | None = None,
 ) -> Path:
     """Write a random LoRA adapter for ``target`` and return the file's path.
 
@@ -75,6 +78,11 @@ def make_lora(
             one ``.alpha`` per layer). The text encoder's LoRA, if any, is uniform.
         use_dora: a DoRA adapter on the denoiser (PEFT's ``use_dora=True``), which hotswapping
             cannot take.
+        denoisers: the pipeline's denoisers the adapter is for (``["transformer_2"]``: Wan 2.2's
+            low-noise expert only), written into the file's metadata (``hotswap_denoisers``);
+            the keys are those the pipeline's loader reads for them (Wan: ``transformer.``,
+            loaded with ``load_into_transformer_2=True``). ``None``: every denoiser the loader
+            reaches with the first one's keys.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
@@ -84,7 +92,7 @@ def make_lora(
         raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
     alpha = rank if alpha is None else alpha
 
-    resolved = _resolve(target, text_encoder=text_encoder)
+    resolved = _resolve(target, text_encoder=text_encoder or denoisers is not None)
     denoiser_name = denoiser_prefix(resolved)
     if fmt == "kohya" and denoiser_name != "unet":
         raise ValueError(
@@ -92,6 +100,8 @@ def make_lora(
             "transformer LoRAs only in the original (non-diffusers) layer names; use fmt='diffusers'"
         )
     denoiser = _denoiser(resolved)
+    if denoisers is not None:
+        denoiser_name, denoiser = _named_denoiser(resolved, denoisers, fmt)
     chosen = select_targets(denoiser, targets)
 
     layers: dict[str, dict[str, torch.Tensor]] = {}
@@ -112,6 +122,7 @@ def make_lora(
 
     label = targets if isinstance(targets, str) else f"{len(chosen)}targets"
     te = "_te" if text_encoder else ""
+    te += "".join(f"_for-{name}" for name in denoisers or ())
     # Whatever the short name leaves out (which layers of a list, patterns) goes into a digest,
     # so two different adapters written into one directory never share a file.
     dora = "_dora" if use_dora else ""
@@ -136,7 +147,45 @@ def make_lora(
         _write_peft(file, layers, metadata)
     else:
         _write_diffusers(file, resolved, layers, metadata)
+    if denoisers is not None:
+        _add_metadata(file, {DENOISERS_KEY: json.dumps(list(denoisers))})
     return file
+
+
+def _named_denoiser(pipe: Any, names: Sequence[str], fmt: str) -> tuple[str, torch.nn.Module]:
+    """``(key prefix, module)`` for an adapter for the pipeline's denoisers ``names``: the prefix
+    their loader reads (one for all), the first one's module for the targets."""
+    from pytest_hotswap.pipelines.families_driver import denoisers, lora_route
+
+    if isinstance(pipe, torch.nn.Module):
+        raise ValueError("denoisers= needs a pipeline (or a pipeline name), not a bare model")
+    if fmt != "diffusers":
+        raise ValueError(f"denoisers= is written in fmt='diffusers' only, not fmt={fmt!r}")
+    found = denoisers(pipe)
+    unknown = [name for name in names if name not in found]
+    if not names or unknown:
+        raise ValueError(
+            f"denoisers={list(names)!r}: name one or more of {type(pipe).__name__}'s "
+            f"LoRA-loadable denoisers ({', '.join(found)})"
+        )
+    prefixes = {lora_route(pipe, name).prefix for name in names}
+    if len(prefixes) > 1:
+        raise ValueError(
+            f"denoisers={list(names)!r}: its loader reads them from different key prefixes "
+            f"({', '.join(sorted(prefixes))}); write one adapter per denoiser"
+        )
+    return prefixes.pop(), unwrap_compiled(found[names[0]])
+
+
+def _add_metadata(file: Path, extra: dict[str, str]) -> None:
+    """Write ``extra`` into the safetensors metadata of ``file``, tensors unchanged."""
+    import safetensors.torch
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    safetensors.torch.save_file(tensors, str(file), metadata={**metadata, **extra})
 
 
 def select_targets(model: torch.nn.Module, targets: str | Sequence[str]) -> list[str]:

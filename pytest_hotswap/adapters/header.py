@@ -28,6 +28,11 @@ PEFT_NATIVE = "PEFT-native keys (base_model.model.)"
 
 #: The safetensors metadata key diffusers and PEFT write the adapter's ``LoraConfig`` under.
 METADATA_KEY = "lora_adapter_metadata"
+#: The safetensors metadata key naming the denoisers an adapter is for, a JSON list
+#: (``make_lora(..., denoisers=["transformer_2"])`` writes it): Wan 2.2's loader reads the same
+#: ``transformer.`` keys into either expert, so only this says a file is for one of them. A file
+#: without it goes into every denoiser the pipeline's loader reaches.
+DENOISERS_KEY = "hotswap_denoisers"
 
 #: Text-encoder keys in diffusers / PEFT (text_encoder., text_encoder_2.), kohya (lora_te_,
 #: lora_te1_, lora_te2_) and single-file (te_, text_encoders.) namings.
@@ -125,6 +130,23 @@ class AdapterHeader:
             for layer in self.layers.values()
             if layer.component.startswith("text_encoder")
         ]
+
+    @property
+    def denoisers(self) -> tuple[str, ...] | None:
+        """The denoisers the file says it is for (:data:`DENOISERS_KEY`), else ``None``."""
+        raw = self.metadata.get(DENOISERS_KEY)
+        if raw is None:
+            return None
+        try:
+            names = json.loads(raw)
+        except json.JSONDecodeError:
+            names = None
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise AdapterFileError(
+                f"{self.path}: metadata {DENOISERS_KEY}={raw!r} is not a JSON list of denoiser "
+                'names (["transformer_2"])'
+            )
+        return tuple(names)
 
     @property
     def denoiser_keys(self) -> list[str]:

@@ -29,6 +29,18 @@ if TYPE_CHECKING:
 #: The adapter name the first load and every swap use.
 ADAPTER_NAME = "default"
 
+#: A pipeline trait (:func:`pipeline_traits`): a LoRA-loadable text encoder none of whose layers
+#: has a name diffusers' text-encoder loader knows (``_load_lora_into_text_encoder`` converts keys
+#: and reads ranks by CLIP's names, ``q_proj`` ... ``fc2``), such as Chroma's T5
+#: (``SelfAttention.q`` ...). A known defect may need it (``KnownDefect.only_with``).
+TEXT_ENCODER_OUTSIDE_KEY_TABLES = "a text encoder outside diffusers' text-encoder key tables"
+
+
+class AdapterLoadError(ValueError):
+    """A plain load of an adapter through the pipeline's own LoRA loader raised: the message
+    names the loader and the adapter, the loader's error is the cause."""
+
+
 LoraSource = Union[str, "os.PathLike[str]", Mapping[str, "torch.Tensor"]]
 """A LoRA adapter: a path to a ``.safetensors`` file or a state dict."""
 
@@ -39,12 +51,19 @@ def load_first_adapter(
     """A plain (non-hotswap) load of ``lora`` as adapter ``"default"`` (or ``adapter_name``).
 
     Through a diffusers loader, the file also goes into every other denoiser the loader reaches
-    with the first one's keys (Wan 2.2's ``transformer_2``: ``load_into_transformer_2=True``).
+    with the first one's keys (Wan 2.2's ``transformer_2``: ``load_into_transformer_2=True``),
+    or only into the denoisers it names (:func:`named_denoisers`).
     """
     if spec.has_lora_loader:
         with quiet_diffusers():
-            for kwargs in [{}, *other_denoiser_routes(spec)]:
-                spec.pipe.load_lora_weights(loadable(lora), adapter_name=adapter_name, **kwargs)
+            for kwargs in load_routes(spec, lora):
+                try:
+                    spec.pipe.load_lora_weights(loadable(lora), adapter_name=adapter_name, **kwargs)
+                except (ValueError, KeyError, IndexError, RuntimeError) as error:
+                    raise AdapterLoadError(
+                        f"{_loader_name(spec.pipe)} could not load {describe_adapter(lora)}: "
+                        f"{type(error).__name__}: {error}"
+                    ) from error
         return
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
@@ -59,6 +78,29 @@ def load_first_adapter(
         )
 
 
+def _loader_name(pipe: Any) -> str:
+    """``ChromaPipeline's LoRA loader (FluxLoraLoaderMixin.load_lora_weights)``."""
+    from pytest_hotswap.pipelines.families_driver import UnsupportedPipelineError, lora_loader
+
+    try:
+        loader = lora_loader(pipe).__name__
+    except UnsupportedPipelineError:
+        loader = type(pipe).__name__
+    return f"{type(pipe).__name__}'s LoRA loader ({loader}.load_lora_weights)"
+
+
+def pipeline_traits(spec: PipelineSpec) -> frozenset[str]:
+    """What a known defect may need of a pipeline, read off its LoRA-loadable components (never
+    off its name): :data:`TEXT_ENCODER_OUTSIDE_KEY_TABLES`."""
+    from pytest_hotswap.reference.formats import text_encoder_spec
+
+    traits = set()
+    encoders = spec.text_encoders().items()
+    if any(text_encoder_spec(name, module).peft_only for name, module in encoders):
+        traits.add(TEXT_ENCODER_OUTSIDE_KEY_TABLES)
+    return frozenset(traits)
+
+
 def other_denoiser_routes(spec: PipelineSpec) -> list[dict[str, Any]]:
     """The ``load_lora_weights`` keywords that send the first denoiser's keys into each other
     denoiser (Wan 2.2: ``load_into_transformer_2=True``); a denoiser the loader reaches only by
@@ -69,6 +111,50 @@ def other_denoiser_routes(spec: PipelineSpec) -> list[dict[str, Any]]:
 
     routes = [lora_route(spec.pipe, name) for name in spec.denoiser_names()[1:]]
     return [route.load_kwargs for route in routes if route.load_kwargs]
+
+
+def named_denoisers(spec: PipelineSpec, lora: LoraSource) -> tuple[str, ...] | None:
+    """The denoisers of ``spec`` an adapter file names in its metadata (``hotswap_denoisers``,
+    ``make_lora(..., denoisers=...)``), else ``None``: every denoiser its loader reaches. Read
+    only for a pipeline with several denoisers (Wan 2.2), so no other swap pays for it."""
+    if isinstance(lora, Mapping) or not spec.has_lora_loader or len(spec.denoisers) < 2:
+        return None
+    named = read_header(lora).denoisers
+    if named is None:
+        return None
+    unknown = [name for name in named if name not in spec.denoiser_names()]
+    if unknown:
+        raise ValueError(
+            f"{describe_adapter(lora)} is for {', '.join(named)}; {spec.name} has no "
+            f"{', '.join(unknown)} (its denoisers: {', '.join(spec.denoiser_names())})"
+        )
+    return named
+
+
+def load_routes(spec: PipelineSpec, lora: LoraSource) -> list[dict[str, Any]]:
+    """The ``load_lora_weights`` keywords of each load that puts ``lora`` where it belongs: the
+    plain load (its own key prefixes), then each other denoiser's route; for an adapter that
+    names its denoisers, the route of each of those only."""
+    named = named_denoisers(spec, lora)
+    if named is None:
+        return [{}, *other_denoiser_routes(spec)]
+    from pytest_hotswap.pipelines.families_driver import lora_route
+
+    routes: list[dict[str, Any]] = []
+    for name in named:
+        kwargs = lora_route(spec.pipe, name).load_kwargs
+        if kwargs not in routes:  # two denoisers the plain load reaches: one load
+            routes.append(kwargs)
+    return routes
+
+
+def zero_adapter(model: torch.nn.Module, adapter_name: str) -> None:
+    """What PEFT's hotswap does to every layer a new adapter leaves out: set its LoRA weights to
+    zero in place (shapes, scalings and compiled code untouched), here for the whole model."""
+    from peft.utils.hotswap import hotswap_adapter_from_state_dict
+
+    config = model.peft_config[adapter_name]
+    hotswap_adapter_from_state_dict(model, {}, adapter_name, config)
 
 
 def read_peft_adapter(

@@ -198,7 +198,7 @@ def write_matrix(tr: Any, cells: dict[tuple[str, str], str], config: pytest.Conf
         f"{DEFECT}: known upstream defect, xfail(strict); {FIXED}: a known defect no longer "
         f"reproduces on its verified stack, update the suite; {MAYBE_FIXED}: a known defect does "
         f"not reproduce on this unverified stack; {UNSUPPORTED}: the implementation cannot do it; "
-        "n/a: the pipeline has no such layers"
+        "n/a: the pipeline has no such layers, or its LoRA loader loads none"
     )
     if options.backend != DEFECT_BACKEND:
         tr.write_line(

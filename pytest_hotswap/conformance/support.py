@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pytest_hotswap.adapters.loading import AdapterLoadError
 from pytest_hotswap.stacks import KnownDefect
 
 #: Scenario (test function ``test_<name>``) -> the label in the matrix, in matrix order.
@@ -68,6 +69,7 @@ FAILURE_EXCEPTIONS: dict[str, type[BaseException]] = {
     KnownDefect.MODEL_CHANGED: ModelChangedError,
     KnownDefect.RECOMPILES: pytest.fail.Exception,  # raised by no_recompile only
     KnownDefect.WRONG_OUTPUT: WrongOutputError,
+    KnownDefect.LOAD_FAILS: AdapterLoadError,  # raised by a plain load through the pipeline's loader
 }
 
 
@@ -209,13 +211,7 @@ def _run_plain(
 
     from pytest_hotswap import pipelines
 
-    spec = _EAGER_SPECS.get((id(session), *plain))
-    if spec is None:
-        spec = session.build_spec(source, options)
-        for denoiser in spec.denoisers:  # as the compiled pipeline: Wan 2.2's experts both
-            pipelines.quantize_denoiser(denoiser, options.quantize)
-        if spec.has_lora_loader:  # reusable: its adapters can be unloaded
-            _EAGER_SPECS[(id(session), *plain)] = spec
+    spec = _plain_spec(session, source, options, plain)
     names = []
     try:
         for index, (lora, _) in enumerate(pairs):
@@ -231,6 +227,34 @@ def _run_plain(
         if spec.has_lora_loader:
             spec.pipe.unload_lora_weights()
     return outputs[key]
+
+
+def _plain_spec(session: Any, source: str, options: Any, plain: tuple[Any, ...]) -> Any:
+    """The plain pipeline of ``source``: built once per session and reused (its adapters are
+    unloaded after each use); a bare model is built anew."""
+    from pytest_hotswap import pipelines
+
+    spec = _EAGER_SPECS.get((id(session), *plain))
+    if spec is None:
+        spec = session.build_spec(source, options)
+        for denoiser in spec.denoisers:  # as the compiled pipeline: Wan 2.2's experts both
+            pipelines.quantize_denoiser(denoiser, options.quantize)
+        if spec.has_lora_loader:  # reusable: its adapters can be unloaded
+            _EAGER_SPECS[(id(session), *plain)] = spec
+    return spec
+
+
+def plain_traits(config: pytest.Config, source: str, options: Any) -> frozenset[str]:
+    """The traits (``adapters.loading.pipeline_traits``) of pipeline ``source``, read off the
+    plain pipeline the eager references use: known before the cell's own pipeline is built, so a
+    defect that needs a trait still gets its build overrides (``expect_defect``)."""
+    from pytest_hotswap.adapters.loading import pipeline_traits
+    from pytest_hotswap.pipelines.saved import identity_of
+    from pytest_hotswap.plugin.fixtures import session_of
+
+    source = identity_of(source)  # as a cell's pipeline names its source
+    plain = (source, options.device, options.dtype, options.quantize)
+    return pipeline_traits(_plain_spec(session_of(config), source, options, plain))
 
 
 _EAGER_OUTPUTS: dict[int, dict[Any, Any]] = {}

@@ -53,6 +53,7 @@ class LoraFactory:
         rank_pattern: Mapping[str, int] | None = None,
         alpha_pattern: Mapping[str, float] | None = None,
         use_dora: bool = False,
+        denoisers: Sequence[str] | None = None,
     ) -> Path:
         """The arguments of ``make_lora``; the same arguments give the same file."""
         from pytest_hotswap.adapters import make_lora
@@ -72,6 +73,7 @@ class LoraFactory:
             tuple(sorted((rank_pattern or {}).items())),
             tuple(sorted((alpha_pattern or {}).items())),
             use_dora,
+            None if denoisers is None else tuple(denoisers),
         )
         if key not in self._files:
             self._targets.append(target)
@@ -88,6 +90,7 @@ class LoraFactory:
                 rank_pattern=rank_pattern,
                 alpha_pattern=alpha_pattern,
                 use_dora=use_dora,
+                denoisers=denoisers,
             )
         return self._files[key]
 

@@ -53,9 +53,10 @@ class TextEncoderSpec:
 
     @property
     def peft_only(self) -> bool:
-        """No module diffusers reads a rank for (T5): diffusers loads no LoRA into this encoder,
-        so its LoRA was put on with PEFT (``add_adapter`` / ``load_adapter``) and its keys are
-        PEFT's own (``<module>.lora_A.weight``), taken as they are, every layer's rank read."""
+        """No module diffusers reads a rank for (T5): diffusers' text-encoder loader cannot read
+        PEFT keys for this encoder (its key tables know only CLIP's names), so its LoRA was put
+        on with PEFT (``add_adapter`` / ``load_adapter``) and its keys are PEFT's own
+        (``<module>.lora_A.weight``), taken as they are, every layer's rank read."""
         return not self.layers
 
 
