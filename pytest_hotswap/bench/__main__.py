@@ -46,6 +46,7 @@ MEASUREMENTS = {
     "installed_plugin": "pytest_hotswap.bench.installed",
     "slots": "pytest_hotswap.bench.slots",
     "verdict_cost": "pytest_hotswap.bench.verdict",
+    "scaling": "pytest_hotswap.bench.scaling",
 }
 
 
