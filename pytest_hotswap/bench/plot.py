@@ -221,7 +221,8 @@ def _verdict(ax: Any, result: Result) -> None:
 
 def _scaling(ax: Any, result: Result) -> None:
     groups = [
-        f"{r['run']}\n{r['workers']} worker{'s' if r['workers'] > 1 else ''}" for r in result.rows
+        f"{textwrap.fill(r['run'], 16)}\n{r['workers']} worker{'s' if r['workers'] > 1 else ''}"
+        for r in result.rows
     ]
     _bars(ax, groups, {"wall s": [_value(r, "wall_s") for r in result.rows]}, "s per pytest run")
     ax.tick_params(axis="x", labelsize=6)
