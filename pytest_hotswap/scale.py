@@ -4,18 +4,22 @@ No pytest and no torch here: the GPUs are counted with ``nvidia-smi -L`` (NVML, 
 process), so the controller never initialises CUDA and a worker can still be pinned with
 ``CUDA_VISIBLE_DEVICES`` before it does. The compile caches are torch's own (a local directory,
 or its Redis remote caches for FX graphs and AOTAutograd); this module only says which
-environment selects them, checks that a Redis answers, and reads torch's hit and miss counters.
+environment selects them, checks that a Redis answers, starts a private one on a free port (for the
+plugin's tests and the bench's scaling table), and reads torch's hit and miss counters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 #: Testing hook, private: a number of GPUs to pretend this host has (instead of ``nvidia-smi``).
@@ -24,6 +28,8 @@ FAKE_GPUS_ENV = "PYTEST_HOTSWAP_FAKE_GPUS"
 CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
 CPU = "cpu"
 REDIS_PREFIX = "redis://"
+#: The Debian package's binary that :func:`local_redis` starts.
+REDIS_SERVER = "redis-server"
 #: torch's counters the summary and the report give: (counters group, name).
 CACHE_COUNTERS = (
     ("inductor", "fxgraph_cache_hit"),
@@ -197,6 +203,47 @@ def check_redis(location: str, timeout: float = 2.0) -> None:
         ) from None
     finally:
         client.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_server_binary() -> str | None:
+    """The ``redis-server`` on ``PATH`` (Debian package redis-server), or ``None``."""
+    return shutil.which(REDIS_SERVER)
+
+
+@contextlib.contextmanager
+def local_redis(directory: Path, *, timeout: float = 10.0) -> Iterator[str]:
+    """A private ``redis-server`` on 127.0.0.1 and a free port, working in ``directory`` (no disk
+    persistence), for as long as the block runs: yields its ``redis://127.0.0.1:PORT``."""
+    binary = redis_server_binary()
+    if binary is None:
+        raise ScaleError(f"{REDIS_SERVER} is not installed (Debian package redis-server)")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise ScaleError(f"{REDIS_SERVER} did not start on port {port}") from None
+                time.sleep(0.05)
+        yield f"{REDIS_PREFIX}127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def cache_counters() -> dict[str, int]:

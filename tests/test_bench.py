@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_hotswap.bench import gpu_check
+from pytest_hotswap.bench import gpu_check, scaling
 from pytest_hotswap.bench.__main__ import MEASUREMENTS, main
 from pytest_hotswap.bench.goals import GOALS, evaluate
 from pytest_hotswap.bench.results import Result, Stat, Target, format_table
@@ -46,6 +46,7 @@ ROW_KEYS = {
     "installed_plugin": {"run", "wall_ms", "cpu_ms", "peak_mib", "torch_imported"},
     "slots": {"model", "slots", "swap_ms"},
     "verdict_cost": {"model", "verdict", "failing_call_ms", "compiles", "samples"},
+    "scaling": {"run", "workers", "wall_s", "compiles", "fx_hits", "fx_misses", "same_verdicts"},
 }
 #: The two kinds of rows of the slots measurement: N slots, and the text-encoder opt-in.
 SLOT_KEYS = {"forward_ms", "forward_x_one_slot", "swap_x_one_slot"}
@@ -211,6 +212,31 @@ def test_smoke_verdict_cost_fails_at_the_guard_without_compiling(smoke) -> None:
     for row in rows:
         expected = 0 if row["verdict"] == "fail at the guard" else row["samples"]
         assert row["compiles"] == expected, row
+
+
+def test_smoke_scaling_runs_the_suite_five_ways_with_the_same_verdicts(smoke) -> None:
+    """Issue 24: whole conformance runs (eager, flux-reference, same_rank and a_b_a) on 1 and 2
+    workers and sharing a cache; eager never looks up inductor's FX graph cache."""
+    _, out = smoke
+    rows = _measurements(out)["scaling"]["rows"]
+    assert [(row["run"], row["workers"]) for row in rows] == [
+        ("cold", 1),
+        ("cold", 2),
+        ("warm local dir (second run)", 1),
+        ("redis, first run", 1),
+        ("redis, second run (fresh local dir)", 1),
+    ]
+    ran = rows if scaling.redis_missing() == "" else rows[:3]
+    assert rows[0]["result"] == "2 passed" and rows[0]["same_verdicts"] == "-"
+    for row in ran:
+        assert set(row["wall_s"]) == STAT_KEYS and row["wall_s"]["n"] == 1
+        assert (row["fx_hits"], row["fx_misses"]) == (0, 0)
+        # One worker builds and compiles the column once; two may each build it while
+        # --dist loadgroup does not group (pytest 9.2 + pytest-xdist 3.8, pytest-xdist#1386).
+        assert row["compiles"] in ((1,) if row["workers"] == 1 else (1, 2)), row
+    assert [row["same_verdicts"] for row in ran[1:]] == [True] * (len(ran) - 1)
+    for row in rows[len(ran) :]:
+        assert row["result"] == scaling.redis_missing() and row["wall_s"] == "-"
 
 
 def test_cuda_is_refused_cleanly_without_a_gpu(monkeypatch, capsys, tmp_path) -> None:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -291,40 +288,35 @@ def test_a_bad_device_list_is_a_usage_error(pytester, monkeypatch, gpus, args, m
 # --- compile caches ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def redis_server(tmp_path) -> Iterator[str]:
     """A private ``redis-server`` on 127.0.0.1 and a free port (no disk persistence)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if scale.redis_server_binary() is None:
         pytest.skip(
             "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
         )
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError(f"redis-server did not start on port {port}") from None
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with scale.local_redis(tmp_path) as location:
+        yield location
+
+
+def test_local_redis_answers_inside_the_block_and_is_gone_after(redis_server, tmp_path):
+    pytest.importorskip("redis", reason="the cache extra (redis) is not installed")
+    scale.check_redis(redis_server)  # raises when nothing answers
+    with scale.local_redis(tmp_path) as location:  # no persistence: one directory is enough
+        scale.check_redis(location)
+        assert location != redis_server  # a port of its own
+    with pytest.raises(scale.ScaleError, match=r"no Redis answers at 127\.0\.0\.1:"):
+        scale.check_redis(location, timeout=0.5)  # stopped with the block
+
+
+def test_local_redis_without_the_binary_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert scale.redis_server_binary() is None
+    with (
+        pytest.raises(scale.ScaleError, match="redis-server is not installed"),
+        scale.local_redis(tmp_path),
+    ):
+        pass
 
 
 def compiled_run(pytester, cache_dir: Path, *args: str) -> tuple[dict[str, str], dict[str, int]]:
@@ -377,7 +369,7 @@ def test_a_second_run_sharing_redis_hits_for_every_graph(pytester, monkeypatch, 
 
 def test_an_unreachable_redis_is_one_usage_error_at_start(pytester):
     pytest.importorskip("redis", reason="the cache extra (redis) is not installed")
-    port = free_port()  # nothing listens there
+    port = scale.free_port()  # nothing listens there
     pytester.makepyfile(test_a="def test_a(compile_watcher): pass")
     started = time.monotonic()
     result = pytester.runpytest_inprocess(f"--hotswap-compile-cache=redis://127.0.0.1:{port}")

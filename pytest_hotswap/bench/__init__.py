@@ -1,10 +1,10 @@
 """``python -m pytest_hotswap.bench``: measure the pre-padding pattern and our own overhead.
 
 One module per measurement (``swap``, ``stall``, ``padding``, ``end_to_end``, ``overhead``,
-``installed``, ``slots``), each a ``run(config, workdir) -> Result``; ``models`` builds the
-Flux-shaped transformers and their adapters, ``timing`` times candidates interleaved, ``results``
-holds the JSON and table forms, ``goals`` the issues' goals (one table), ``plot`` draws the PNG,
-``gpu_check`` is the prepared GPU check (``--gpu-check``).
+``installed``, ``slots``, ``verdict``, ``scaling``), each a ``run(config, workdir) -> Result``;
+``models`` builds the Flux-shaped transformers and their adapters, ``timing`` times candidates
+interleaved, ``results`` holds the JSON and table forms, ``goals`` the issues' goals (one table),
+``plot`` draws the PNG, ``gpu_check`` is the prepared GPU check (``--gpu-check``).
 
 How to read ``results.json`` / ``bench.png`` (absolute times depend on the machine and its load):
 every timed value is a median with its spread (``median [q1, q3]`` in the table; ``median``,
@@ -23,4 +23,8 @@ timed interleaved, and a ratio is taken per round, so its spread is the round-to
 * ``installed_plugin``: the whole-process cost of the installed plugin on a suite that does not
   use it (wall time, peak memory, whether torch got imported).
 * ``slots``: the forward and swap cost of N adapter slots against one.
+* ``verdict_cost``: the call that fails a ``no_recompile`` test, refused at the guard or compiled.
+* ``scaling``: whole conformance runs (a subset) with 1 and 2 xdist workers, and a second run
+  sharing the compile cache (a directory, Redis): seconds, compiles, FX graph cache hits and
+  misses, and whether every verdict is the first run's.
 """

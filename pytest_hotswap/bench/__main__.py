@@ -47,6 +47,7 @@ MEASUREMENTS = {
     "slots": "pytest_hotswap.bench.slots",
     "verdict_cost": "pytest_hotswap.bench.verdict",
     "conformance_split": "pytest_hotswap.bench.split",
+    "scaling": "pytest_hotswap.bench.scaling",
 }
 
 

@@ -219,6 +219,15 @@ def _verdict(ax: Any, result: Result) -> None:
     ax.set_yscale("log")
 
 
+def _scaling(ax: Any, result: Result) -> None:
+    groups = [
+        f"{textwrap.fill(r['run'], 16)}\n{r['workers']} worker{'s' if r['workers'] > 1 else ''}"
+        for r in result.rows
+    ]
+    _bars(ax, groups, {"wall s": [_value(r, "wall_s") for r in result.rows]}, "s per pytest run")
+    ax.tick_params(axis="x", labelsize=6)
+
+
 PANELS: dict[str, Callable[[Any, Result], None]] = {
     "swap_latency": _swap,
     "recompile_stall": _stall,
@@ -228,6 +237,7 @@ PANELS: dict[str, Callable[[Any, Result], None]] = {
     "installed_plugin": _installed,
     "slots": _slots,
     "verdict_cost": _verdict,
+    "scaling": _scaling,
 }
 
 
