@@ -47,7 +47,10 @@ ROW_KEYS = {
     "slots": {"model", "slots", "swap_ms"},
     "verdict_cost": {"model", "verdict", "failing_call_ms", "compiles", "samples"},
     "scaling": {"run", "workers", "wall_s", "compiles", "fx_hits", "fx_misses", "same_verdicts"},
+    "conformance_split": {"part", "seconds", "share_pct", "report_created", "xdist_workers"},
 }
+#: What `make conformance` writes for the conformance_split measurement to read (made up here).
+CONFORMANCE_SECONDS = {"tests": 100.0, "compiling": 80.0, "swapping": 1.0, "eager references": 5.0}
 #: The two kinds of rows of the slots measurement: N slots, and the text-encoder opt-in.
 SLOT_KEYS = {"forward_ms", "forward_x_one_slot", "swap_x_one_slot"}
 TEXT_ENCODER_KEYS = {"text_encoder", "te_forward_ms", "te_forward_x_no_opt_in", "swap_x_no_opt_in"}
@@ -66,12 +69,14 @@ TIMED = {
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("bench")
+    report = out / "conformance.json"
+    report.write_text(json.dumps({"conformance": {"seconds": CONFORMANCE_SECONDS}}))
     done = subprocess.run(
         [sys.executable, "-m", "pytest_hotswap.bench", "--smoke", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CONFORMANCE_REPORT": str(report)},
     )
     return done, out
 
