@@ -85,7 +85,15 @@ DIFFUSERS_DEFECTS = (
     KnownDefect(
         "two_adapters", _SET_ADAPTERS_AFTER_HOTSWAP, KnownDefect.WRONG_OUTPUT, verified=VERIFIED
     ),
-    KnownDefect("slot_off_on", _SET_ADAPTERS_RECOMPILES, KnownDefect.RECOMPILES, verified=VERIFIED),
+    # Reproduced on torch 2.13 and newer only: on torch 2.11.0 switching the slot does not
+    # recompile (`make stacks TORCH=2.11.0`, 2026-12-07, the oldest and pinned stacks), so there
+    # the cell is not strict and reads "fixed upstream?".
+    KnownDefect(
+        "slot_off_on",
+        _SET_ADAPTERS_RECOMPILES,
+        KnownDefect.RECOMPILES,
+        verified={**VERIFIED, "torch": ">=2.13"},
+    ),
 )
 
 PEFT_DEFECTS = (

@@ -188,3 +188,19 @@ def test_stacks_command_combines_reports_and_lists_what_changes(tmp_path, capsys
         "1 cells differ between stacks:",
         "  rank > max rank (rejected) [sd-diffusers]: oldest: upstream defect, newest: fixed upstream?",
     ]
+
+
+@pytest.mark.parametrize(
+    ("torch", "verified"),
+    [("2.13.0+cpu", True), ("2.14.1", True), ("2.11.0+cu130", False), ("2.12.1", False)],
+)
+def test_the_slot_switch_recompile_is_verified_on_torch_2_13_and_newer_only(torch, verified):
+    """On torch 2.11.0 switching a slot off and on does not recompile (make stacks
+    TORCH=2.11.0): the defect is strict from 2.13 on, "fixed upstream?" before."""
+    from pytest_hotswap.implementations import DiffusersImplementation
+
+    stack = {**PINNED, "torch": torch}
+    [defect] = [
+        d for d in DiffusersImplementation().defects_for(stack) if d.scenario == "slot_off_on"
+    ]
+    assert defect.verified_on(stack) is verified
