@@ -10,7 +10,9 @@ pipelines (pytest-dev/pytest-xdist#1386; a fix is proposed in pytest-dev/pytest-
 :func:`restore_group_suffixes` puts the suffix xdist meant, computed as xdist computes it, into the
 structured id of the given items, after xdist's own hook ran. It does nothing off loadgroup, on a
 pytest without structured ids, or where the suffix is already there (an xdist that handles it):
-remove it once the pinned xdist does.
+remove it once the pinned xdist does. Node ids keep the exact ``path::test[p]@group`` form xdist
+gives them on older pytest; pytest's short test summary, which rebuilds ids from their parts,
+shows a parametrized one as ``test[p]@group]`` (cosmetic; reports and the matrix use the exact id).
 """
 
 from __future__ import annotations
