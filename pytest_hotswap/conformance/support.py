@@ -107,7 +107,6 @@ def expect_defect(request: pytest.FixtureRequest, defect: KnownDefect) -> dict[s
 
         compile_on(request.node)
     request.node.add_marker(pytest.mark.hotswap(backend=DEFECT_BACKEND))
-    request.node.user_properties.append(("hotswap_defect_backend", DEFECT_BACKEND))
     return {"backend": DEFECT_BACKEND}
 
 
