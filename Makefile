@@ -40,7 +40,8 @@ test-slow: venv
 # Its report (with the time split `make bench` reads: conformance_split) goes to CONFORMANCE_REPORT.
 CONFORMANCE_REPORT ?= bench-results/conformance.json
 conformance: venv
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup --pyargs pytest_hotswap.conformance \
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup --no-loadscope-reorder \
+		--pyargs pytest_hotswap.conformance \
 		--hotswap-backend=inductor --hotswap-max-rank=128 \
 		--hotswap-report=$(CONFORMANCE_REPORT) $(ARGS)
 

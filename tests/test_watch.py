@@ -592,3 +592,56 @@ def test_isolate_compiles_makes_isolation_the_default_and_puts_torch_back() -> N
     finally:
         undo()
     assert torch.compile is original
+
+
+def test_a_refused_call_runs_again_eagerly_and_counts_once() -> None:
+    """fail_at_guard(run_eagerly=True): the recompile is refused at its guard (nothing compiled),
+    the call runs again eagerly with the new value, and the same refusal on the next call is the
+    same recompile (a fresh process would have compiled one entry serving both calls)."""
+    from torch._dynamo.utils import counters
+
+    from pytest_hotswap.watch.watcher import call_or_run_eagerly
+
+    class Model(_Scaled):
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    model = Model()
+    compiled = torch.compile(model, backend="eager")
+    with CompileWatcher() as watch:
+        compiled(X)
+        graphs = counters["stats"]["unique_graphs"]
+        with watch.fail_at_guard(0, run_eagerly=True):
+            watch.step("strength 0.5")
+            model.scale = 0.5
+            first = call_or_run_eagerly(lambda: compiled(X))
+            second = call_or_run_eagerly(lambda: compiled(X))
+        assert counters["stats"]["unique_graphs"] == graphs  # no graph compiled
+    torch.testing.assert_close(first, model.lin(X) * 0.5, rtol=0, atol=0)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    assert watch.recompiles == 1
+    (event,) = [e for e in watch.events if e.is_recompile]
+    assert event.stopped_at_guard and "scale == 1.0" in event.reasons[0]
+    assert event.step == "strength 0.5"
+
+
+def test_a_refused_call_fails_without_run_eagerly() -> None:
+    """The negative control: plain fail_at_guard lets dynamo's refusal end the call, and outside
+    any watcher call_or_run_eagerly only calls."""
+    from pytest_hotswap.watch.watcher import call_or_run_eagerly
+
+    class Model(_Scaled):
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    model = Model()
+    compiled = torch.compile(model, backend="eager")
+    with CompileWatcher() as watch:
+        compiled(X)
+        with watch.fail_at_guard(0):
+            model.scale = 0.5
+            with pytest.raises(torch._dynamo.exc.RecompileError, match=r"scale == 1\.0"):
+                call_or_run_eagerly(lambda: compiled(X))
+    assert watch.recompiles == 1 and watch.stopped_at_guard
+    model.scale = 2.0  # outside: dynamo compiles as usual
+    torch.testing.assert_close(call_or_run_eagerly(lambda: compiled(X)), model.lin(X) * 2.0)

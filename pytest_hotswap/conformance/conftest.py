@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from pytest_hotswap.conformance.support import (
     catalog_for,
     take_eager_seconds,
 )
+from pytest_hotswap.stacks import KnownDefect
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -29,12 +31,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def pytest_collection_modifyitems(
     config: pytest.Config, items: list[pytest.Item]
 ) -> Generator[None, None, None]:
-    """Each column (pipeline x implementation) runs as one block, its catalog cells last: the
-    scenarios that share a configuration's compiled pipeline run one after the other, and no
-    other column's compiles come between them. Under ``pytest-xdist --dist loadgroup`` each
-    column is one group, so one worker runs it in that order. Verdicts do not depend on the
-    order (the suite's promise); this saves rebuilds, not correctness."""
-    _group_by_column(config, items)
+    """Run the suite in blocks that share compiled pipelines, in an order that shares compiles.
+
+    A block is a column (pipeline x implementation), with the column's catalog cells and its
+    known-defect cells in blocks of their own: neither uses the column's default pipeline (the
+    catalog's pipelines are built from the catalog, known-defect cells build eager ones). Under
+    ``pytest-xdist --dist loadgroup`` each block is one group, run by one worker in this order
+    (``make conformance`` passes ``--no-loadscope-reorder`` so groups start in this order too). See :func:`_block_order`.
+    Verdicts do not depend on the order (the suite's promise); this saves compiles only.
+    """
+    _order_blocks(config, items)
     result = yield
     from pytest_hotswap.plugin.xdist_groups import restore_group_suffixes
 
@@ -42,25 +48,86 @@ def pytest_collection_modifyitems(
     return result
 
 
-def _group_by_column(config: pytest.Config, items: list[pytest.Item]) -> None:
-    columns: dict[pytest.Item, tuple[str, str]] = {}
+def _order_blocks(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from pytest_hotswap.plugin.fixtures import session_of
+
+    implementations = session_of(config).implementations
+    blocks: dict[pytest.Item, tuple[str, str, str]] = {}
+    breaks: dict[pytest.Item, int] = {}
     for item in items:
         column = _column(item)
-        if column is not None:
-            columns[item] = column
-    order = {column: index for index, column in enumerate(dict.fromkeys(columns.values()))}
+        if column is None:
+            continue
+        defect = _static_defect(item, implementations.get(column[1]))
+        part = CATALOG if "catalog_case" in getattr(item, "fixturenames", ()) else ""
+        blocks[item] = (*column, DEFECTS if defect is not None else part)
+        breaks[item] = BREAKING.get(defect.failure, 0) if defect is not None else 0
+    order = _block_order(list(dict.fromkeys(blocks.values())), implementations)
     positions = {item: index for index, item in enumerate(items)}
     items.sort(
         key=lambda item: (
-            order.get(columns.get(item), -1),  # type: ignore[arg-type]
-            "catalog_case" in getattr(item, "fixturenames", ()),
+            order.get(blocks.get(item), -1),  # type: ignore[arg-type]
+            breaks.get(item, 0),
             positions[item],
         )
     )
     if not config.pluginmanager.hasplugin("xdist"):
         return
-    for item, column in columns.items():
-        item.add_marker(pytest.mark.xdist_group("-".join(map(str, column))))
+    for item, block in blocks.items():
+        item.add_marker(pytest.mark.xdist_group("-".join(filter(None, block))))
+
+
+#: The names of a column's block of known-defect cells (``sd-diffusers-defects``) and of its
+#: catalog cells (``sd-diffusers-catalog``: pipelines of their own, built from the catalog).
+DEFECTS, CATALOG = "defects", "catalog"
+#: Known-defect cells that leave their pipeline changed run after the others of their block,
+#: so the others share it before it must be rebuilt: a failed swap that changed the model (the
+#: cell's own pipeline, mostly), then an accepted adapter that re-shaped the shared one.
+BREAKING = {KnownDefect.MODEL_CHANGED: 1, KnownDefect.NOT_REJECTED: 2}
+
+
+def _static_defect(item: pytest.Item, implementation: Any) -> KnownDefect | None:
+    """The scenario's known defect as collection can tell it (the catalog's and a pipeline
+    trait's are known only once the files or the pipeline are built: those cells stay in the
+    column's block)."""
+    from pytest_hotswap.conformance.test_conformance import DEFECT_SCENARIOS
+
+    if implementation is None or "hotswap_pipeline" not in getattr(item, "fixturenames", ()):
+        return None
+    scenario = getattr(item, "originalname", item.name).removeprefix("test_")
+    return implementation.defect(DEFECT_SCENARIOS.get(scenario, scenario))
+
+
+def _block_order(
+    blocks: list[tuple[str, str, str]], implementations: Any
+) -> dict[tuple[str, str, str], int]:
+    """First the columns of the implementation with the most features (the reference: union
+    padding, text encoders, slots), pipeline by pipeline: they compile the most configurations,
+    among them the default and quantized graphs every implementation's passing cells compile
+    alike. Then, pipeline by pipeline, the blocks with graphs of their own (the other
+    implementations' catalogs, the known-defect blocks, eager), the first implementation's
+    catalog, and last the other implementations' columns: by then the graphs they share are in
+    inductor's FX graph cache, where a column started at once on the other worker would compile
+    them again at the same time. Bigger pipelines come first, so the small blocks end the run."""
+    names = [
+        name for name in dict.fromkeys(block[1] for block in blocks) if name in implementations
+    ]
+    first = max(names, key=lambda name: len(implementations[name].features), default=None)
+    pipelines = list(dict.fromkeys(block[0] for block in blocks))
+
+    def rank(block: tuple[str, str, str]) -> tuple[int, int, int]:
+        pipeline, implementation, part = block
+        if implementation == first and not part:
+            return (0, pipelines.index(pipeline), 0)
+        if part == DEFECTS:
+            within = 1
+        elif part == CATALOG:
+            within = 2 if implementation == first else 0
+        else:
+            within = 3
+        return (1, pipelines.index(pipeline), within)
+
+    return {block: index for index, block in enumerate(sorted(blocks, key=rank))}
 
 
 def _column(item: pytest.Item) -> tuple[str, str] | None:

@@ -203,7 +203,9 @@ def write_matrix(tr: Any, cells: dict[tuple[str, str], str], config: pytest.Conf
     if options.backend != DEFECT_BACKEND:
         tr.write_line(
             f"{DEFECT} cells compile with {DEFECT_BACKEND}: how a known defect shows does not "
-            "depend on the backend (dynamo's guards, the swap's refusal, the model's state)"
+            "depend on the backend (dynamo's guards, the swap's refusal, the model's state); a "
+            "pipeline of their own is not compiled where the defect shows in the swap itself, "
+            "and a rejection that holds there is checked again compiled"
         )
 
 

@@ -73,6 +73,14 @@ FAILURE_EXCEPTIONS: dict[str, type[BaseException]] = {
 }
 
 
+#: Known defects decided in the swap itself, before any compiled call: an adapter accepted that
+#: must be refused, a failed swap that changed the model, a plain load that fails. A cell with
+#: one builds the pipelines of its own uncompiled (``compiled=False``); should the defect not
+#: show, :func:`assert_rejected` checks again on a compiled pipeline before the cell passes.
+DECIDED_IN_THE_SWAP = frozenset(
+    {KnownDefect.NOT_REJECTED, KnownDefect.MODEL_CHANGED, KnownDefect.LOAD_FAILS}
+)
+
 #: The backend a known-defect cell compiles with when the session's is another one. How each
 #: defect shows does not depend on the backend: dynamo's guards decide a recompile the same way
 #: for every backend (``recompiles``), and a refusal, a changed model or a wrong scaling
@@ -84,9 +92,11 @@ DEFECT_BACKEND = "eager"
 
 
 def expect_defect(request: pytest.FixtureRequest, defect: KnownDefect) -> dict[str, Any]:
-    """Mark the running test with a known defect; returns the build overrides its pipelines take
-    (``backend=DEFECT_BACKEND``), also applied to the test's ``hotswap_pipeline`` when this runs
-    before that fixture is set up (the suite's autouse fixture).
+    """Mark the running test with a known defect; returns the build overrides the pipelines of
+    its own take (``backend=DEFECT_BACKEND``, and ``compiled=False`` for a defect decided in the
+    swap), also kept for :func:`defect_overrides`. The backend also applies to the test's
+    ``hotswap_pipeline`` when this runs before that fixture is set up (the suite's autouse
+    fixture); that one stays compiled: cells with other defects share it.
 
     On a stack inside the defect's verified ranges it is a strict xfail with the documented
     failure: a fixed upstream turns the run red. Outside them it is not strict: a defect that no
@@ -101,13 +111,26 @@ def expect_defect(request: pytest.FixtureRequest, defect: KnownDefect) -> dict[s
     )
     request.node.user_properties.append(("hotswap_defect_verified", verified))
     if defect.failure != KnownDefect.RECOMPILES:
-        # It shows after any recompile the scenario also makes (flux's two adapters recompile on
-        # a new weight, then give the wrong output): compile on to reach it, as before.
-        from pytest_hotswap.plugin.session import compile_on
+        # It shows after any recompile the scenario also makes (the two adapters recompile on a
+        # new weight, then give the wrong output): the recompile is refused at its guard and
+        # recorded, and the call runs again eagerly to reach the check, compiling nothing.
+        from pytest_hotswap.plugin.session import run_eagerly_past_allowance
 
-        compile_on(request.node)
+        run_eagerly_past_allowance(request.node)
     request.node.add_marker(pytest.mark.hotswap(backend=DEFECT_BACKEND))
-    return {"backend": DEFECT_BACKEND}
+    overrides: dict[str, Any] = {"backend": DEFECT_BACKEND}
+    if defect.failure in DECIDED_IN_THE_SWAP:
+        overrides["compiled"] = False
+    request.node.stash[_OVERRIDES] = overrides
+    return overrides
+
+
+_OVERRIDES = pytest.StashKey[dict[str, Any]]()
+
+
+def defect_overrides(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The build overrides :func:`expect_defect` gave the running test (none without a defect)."""
+    return dict(request.node.stash.get(_OVERRIDES, {}))
 
 
 @dataclasses.dataclass(frozen=True)

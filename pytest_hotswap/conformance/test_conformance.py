@@ -11,6 +11,7 @@ on the stack they were verified on).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from pytest_hotswap.conformance.support import (
     NotRejectedError,
     Snapshot,
     assert_same_output,
+    defect_overrides,
     eager_output,
     expect_defect,
     plain_traits,
@@ -66,8 +68,17 @@ def swap_and_compare(pipeline: Any, lora: Any, config: pytest.Config) -> Any:
     return actual
 
 
-def assert_rejected(pipeline: Any, lora: Any, expected_error: tuple[type[Exception], ...]) -> None:
-    """The swap raises ``expected_error``; the model is untouched and keeps working as before."""
+def assert_rejected(
+    pipeline: Any,
+    lora: Any,
+    expected_error: tuple[type[Exception], ...],
+    compiled_again: Callable[[], Any] | None = None,
+) -> None:
+    """The swap raises ``expected_error``; the model is untouched and keeps working as before.
+
+    A pipeline built uncompiled (a known defect decided in the swap) that passes all that is
+    checked again on ``compiled_again()``, its compiled twin: a fixed defect passes only where
+    the next compiled call does not recompile either."""
     import torch
 
     __tracebackhide__ = True
@@ -85,6 +96,8 @@ def assert_rejected(pipeline: Any, lora: Any, expected_error: tuple[type[Excepti
             "the failed swap changed the model:\n  " + "\n  ".join(changed[:10])
         )
     assert torch.equal(pipeline.run(), before_output), "the output changed after a failed swap"
+    if compiled_again is not None and not pipeline.compiled:
+        assert_rejected(compiled_again(), lora, expected_error)
 
 
 def _close(a: Any, b: Any) -> bool:
@@ -337,14 +350,20 @@ def test_rank_over_max(hotswap_pipeline, lora_factory):
     assert_rejected(hotswap_pipeline, lora, hotswap_pipeline.impl.rejection("RankTooLargeError"))
 
 
-def test_superset_targets(hotswap_pipeline, hotswap_pipeline_factory, lora_factory):
-    pipeline = hotswap_pipeline_factory(
-        hotswap_pipeline.source or hotswap_pipeline.name,
-        hotswap_pipeline.implementation,
-        first_targets="half",
-    )
+def test_superset_targets(hotswap_pipeline, hotswap_pipeline_factory, lora_factory, request):
+    def build(**overrides: Any) -> Any:
+        return hotswap_pipeline_factory(
+            hotswap_pipeline.source or hotswap_pipeline.name,
+            hotswap_pipeline.implementation,
+            first_targets="half",
+            **overrides,
+        )
+
+    overrides = defect_overrides(request)
+    pipeline = build(**overrides)
     error = pipeline.impl.rejection("UnexpectedTargetsError")
-    assert_rejected(pipeline, lora_factory(pipeline, rank=8, targets="all", seed=21), error)
+    lora = lora_factory(pipeline, rank=8, targets="all", seed=21)
+    assert_rejected(pipeline, lora, error, lambda: build(**{**overrides, "compiled": True}))
 
 
 def test_text_encoder_keys(hotswap_pipeline, lora_factory):
@@ -387,8 +406,9 @@ def test_catalog(catalog_case, hotswap_pipeline_factory, pytestconfig, request):
     elif _scaled_per_layer(entry.header):
         defect = impl.defect("rank_pattern")
     overrides = expect_defect(request, defect) if defect is not None else {}
-    try:
-        pipeline = hotswap_pipeline_factory(
+
+    def build(**overrides: Any) -> Any:
+        return hotswap_pipeline_factory(
             catalog_case.pipeline,
             catalog_case.implementation,
             first_lora=first.path,
@@ -398,11 +418,15 @@ def test_catalog(catalog_case, hotswap_pipeline_factory, pytestconfig, request):
             max_rank=catalog_case.max_rank,
             **overrides,
         )
+
+    try:
+        pipeline = build(**overrides)
     except UnsupportedFeatureError as error:  # the reference on Wan 2.2's two denoisers
         pytest.skip(f"not supported: {error}")
     if problem is not None:
         request.node.user_properties.append((VERDICT_PROPERTY, f"refused: {reason}"))
-        assert_rejected(pipeline, entry.path, pipeline.impl.rejection(error))
+        again = lambda: build(**{**overrides, "compiled": True})  # noqa: E731
+        assert_rejected(pipeline, entry.path, pipeline.impl.rejection(error), again)
         return
     start = pipeline.run()
     if entry is not first:

@@ -107,6 +107,7 @@ class Configuration:
     targets: tuple[str, ...] | None = None
     text_encoder: bool = False
     slots: int = 1
+    compiled: bool = True  # False: prepared and adapted, not compiled (see PipelineFactory)
 
     def key(self) -> tuple[Any, ...]:
         built_with = tuple(getattr(self.options, field) for field in BUILD_OPTIONS)
@@ -118,6 +119,7 @@ class Configuration:
             self.targets,
             self.text_encoder,
             self.slots,
+            self.compiled,
             built_with,
         )
 
@@ -206,7 +208,12 @@ class PipelineCache:
                 text_encoder=configuration.text_encoder,
             )
         pipeline = build_hotswap_pipeline(
-            spec, implementation, first, options, preparation=preparation
+            spec,
+            implementation,
+            first,
+            options,
+            preparation=preparation,
+            compiled=configuration.compiled,
         )
         pipeline.source = configuration.name
         return pipeline

@@ -17,6 +17,7 @@ from pytest_hotswap.pipelines.registry import PipelineSpec
 from pytest_hotswap.reference.components import unwrap_compiled
 from pytest_hotswap.watch import CompileWatcher
 from pytest_hotswap.watch.caches import entries_of_region, region_of
+from pytest_hotswap.watch.watcher import call_or_run_eagerly
 
 if TYPE_CHECKING:
     from pytest_hotswap.options import HotswapOptions
@@ -73,6 +74,11 @@ class HotswapPipeline:
     @property
     def max_rank(self) -> int:
         return self.options.max_rank
+
+    @property
+    def compiled(self) -> bool:
+        """Whether its denoiser was compiled (``build_hotswap_pipeline(compiled=False)``: not)."""
+        return all(_is_compiled(module) for module in self.spec.denoisers)
 
     @property
     def compiled_modules(self) -> list[torch.nn.Module]:
@@ -145,9 +151,13 @@ class HotswapPipeline:
     # -- calls --------------------------------------------------------------------------------
 
     def run(self, **overrides: Any) -> torch.Tensor:
-        """The deterministic end-to-end call (latents for the tiny pipelines)."""
+        """The deterministic end-to-end call (latents for the tiny pipelines).
+
+        Inside ``fail_at_guard(run_eagerly=True)`` a call refused at its guard runs again
+        eagerly (``call_or_run_eagerly``): the spec's call is deterministic and starts afresh."""
+        kwargs = {**self._overrides, **overrides}
         with torch.no_grad():
-            return self.spec.run(**{**self._overrides, **overrides})
+            return call_or_run_eagerly(lambda: self.spec.run(**kwargs))
 
     def denoise(self, **inputs: Any) -> torch.Tensor:
         """One direct call of the compiled denoiser (``spec.inputs()`` when none are given).
@@ -165,7 +175,7 @@ class HotswapPipeline:
             inputs = self.spec.inputs()
         with torch.no_grad():
             if self._denoise_warm:
-                return _first_tensor(self.denoiser(**inputs))
+                return _first_tensor(call_or_run_eagerly(lambda: self.denoiser(**inputs)))
             if self.current_lora is not self.first_lora:
                 raise RuntimeError(
                     f"{self.name}-{self.implementation}: the first denoise() call compiles its own "
@@ -248,3 +258,9 @@ class HotswapPipeline:
 def _first_tensor(out: Any) -> torch.Tensor:
     """A denoiser's output tensor, whether returned bare, in a tuple or in a diffusers output."""
     return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _is_compiled(module: torch.nn.Module) -> bool:
+    """``module.compile()`` was called on it or, under ``compile_scope="regional"``, on the
+    blocks ``compile_repeated_blocks`` compiled."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())

@@ -37,12 +37,13 @@ def build_hotswap_pipeline(
     text_encoder: bool = False,
     slots: int = 1,
     preparation: Preparation | None = None,
+    compiled: bool = True,
 ) -> HotswapPipeline:
     """Make ``spec`` hotswap-ready: prepare, load ``first_lora``, quantize, compile, warm up.
 
     ``preparation``: one the caller built and checked against ``implementation`` already (the
     pipeline cache does, before it builds the spec), instead of ``targets``, ``text_encoder`` and
-    ``slots``.
+    ``slots``. ``compiled=False`` leaves out ``torch.compile`` (everything else as built).
     """
     from pytest_hotswap import implementations
     from pytest_hotswap.pipelines.ready import HotswapPipeline
@@ -70,15 +71,16 @@ def build_hotswap_pipeline(
         implementation.load_slots(spec, first_lora, preparation)
     for denoiser in spec.denoisers:  # Wan 2.2: both experts
         quantize_denoiser(denoiser, options.quantize)
-        compile_denoiser(
-            denoiser,
-            options.backend,
-            options.mode,
-            fullgraph=spec.fullgraph,
-            scope=options.compile_scope,
-        )
+        if compiled:
+            compile_denoiser(
+                denoiser,
+                options.backend,
+                options.mode,
+                fullgraph=spec.fullgraph,
+                scope=options.compile_scope,
+            )
     if (
-        preparation.text_encoder
+        compiled and preparation.text_encoder
     ):  # whole under either scope: CLIP and T5 declare no _repeated_blocks
         for encoder in spec.text_encoders().values():
             compile_denoiser(encoder, options.backend, options.mode, fullgraph=False)

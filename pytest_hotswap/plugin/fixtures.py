@@ -121,9 +121,11 @@ class PipelineFactory:
     layers or adapters' targets (with ``--hotswap-adapters``, unless ``targets`` or
     ``first_targets`` is given: every usable file of the catalog) and ``text_encoder=True``
     hotswaps the text encoders too (reference implementation); ``slots=N`` gives N weighted
-    adapter slots (reference; diffusers: adapters weighted with ``set_adapters``). The pipeline
-    comes from the session cache with its first adapter loaded, and describes itself in the
-    test's ``compile_watcher.context``.
+    adapter slots (reference; diffusers: adapters weighted with ``set_adapters``).
+    ``compiled=False`` builds it without ``torch.compile``, for a check decided before any
+    compiled call (the conformance suite's known defects that show in the swap itself). The
+    pipeline comes from the session cache with its first adapter loaded, and describes itself in
+    the test's ``compile_watcher.context``.
     """
 
     cache: PipelineCache
@@ -142,6 +144,7 @@ class PipelineFactory:
         targets: Sequence[str | Path] | None = None,
         text_encoder: bool = False,
         slots: int = 1,
+        compiled: bool = True,
         **overrides: Any,
     ) -> HotswapPipeline:
         options = _apply(self.options, overrides, self.where)
@@ -158,6 +161,7 @@ class PipelineFactory:
             targets=None if targets is None else tuple(str(t) for t in targets),
             text_encoder=text_encoder,
             slots=slots,
+            compiled=bool(compiled),
         )
         try:
             pipeline = self.cache.get(configuration)
@@ -168,7 +172,7 @@ class PipelineFactory:
         self.watcher.context.update(
             pipeline=pipeline.name,
             implementation=implementation,
-            backend=options.backend,
+            backend=options.backend if compiled else "none (not compiled)",
             device=options.device,
             quantize=options.quantize,
             max_rank=options.max_rank,

@@ -47,6 +47,7 @@ class WatchedTest:
     allowance: int | None  # the no_recompile allowance; None: watched, not judged
     fresh: bool = False
     count_all: bool = False  # compile on past the allowance (else: fail at the guard)
+    run_eagerly: bool = False  # a pipeline call refused at the guard runs again eagerly
     watcher: CompileWatcher | None = None
     hooked: int = 0  # failing events already passed to pytest_hotswap_recompile
     failed_by_marker: bool = False
@@ -62,21 +63,15 @@ class WatchedTest:
         guard, before compiling (unless ``count_all``)."""
         if not self.judged or self.count_all:
             return contextlib.nullcontext()
-        return self.watcher.fail_at_guard(self.allowance)
+        return self.watcher.fail_at_guard(self.allowance, run_eagerly=self.run_eagerly)
 
     def is_guard_stop(self, error: BaseException) -> bool:
         """Whether ``error`` is dynamo's refusal of a recompile this test's watcher saw."""
         if not self.judged or not self.watcher.stopped_at_guard:
             return False
-        exc = sys.modules.get("torch._dynamo.exc")
-        seen: set[int] = set()
-        cause: BaseException | None = error
-        while cause is not None and id(cause) not in seen:  # a caller may wrap it
-            if exc is not None and isinstance(cause, exc.RecompileError):
-                return True
-            seen.add(id(cause))
-            cause = cause.__cause__ or cause.__context__
-        return False
+        from pytest_hotswap.watch.guard import is_refusal
+
+        return is_refusal(error)
 
     def is_storm_failure(self, error: BaseException) -> bool:
         """Whether ``error`` is the storm this test's watcher recorded.
@@ -369,12 +364,18 @@ def _is_recompile_limit_error(error: BaseException) -> bool:
     return exc is not None and isinstance(error, exc.FailOnRecompileLimitHit)
 
 
-def compile_on(item: pytest.Item) -> None:
-    """Let a watched test compile on past its allowance, as ``no_recompile(count_all=True)``.
+def run_eagerly_past_allowance(item: pytest.Item) -> None:
+    """Let a watched test go on past its allowance without compiling: the recompile is refused
+    at its guard and recorded, and the refused pipeline call runs again eagerly
+    (``CompileWatcher.fail_at_guard(run_eagerly=True)``).
 
-    For a test whose verdict is decided further on than a recompile: the conformance suite's
-    known defects that show as a wrong output or a changed model must reach that check.
+    For a test whose verdict is decided further on than a recompile, at a price of a guard check
+    instead of a compile: the conformance suite's known defects that show as a wrong output
+    after a recompile (dynamo's guards decide a recompile the same way for every backend, and
+    the eager run computes what the recompiled graph would).
     """
     state = item.stash.get(ITEM_KEY, None)
     if state is not None:
-        state.count_all = True
+        state.run_eagerly = True
+        if state.watcher is not None and state.watcher.active:  # asked from inside the call
+            state.watcher.eager_after_refusal = True

@@ -50,3 +50,21 @@ class GuardRefusal:
         torch._dynamo.config.error_on_recompile = bool(self._flag_before)
         self.allowance = None
         self._flag_before = None
+
+
+def is_refusal(error: BaseException) -> bool:
+    """Whether ``error`` is, or was raised from, dynamo's refusal of a recompile
+    (``torch._dynamo.exc.RecompileError``); a caller may have wrapped it."""
+    import sys
+
+    exc = sys.modules.get("torch._dynamo.exc")
+    if exc is None:
+        return False
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, exc.RecompileError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, TypeVar
 
 from pytest_hotswap.watch.caches import CacheTracker, region_of
 from pytest_hotswap.watch.counts import EventCounts
@@ -17,10 +17,11 @@ from pytest_hotswap.watch.events import (
     CompileEvent,
     Step,
 )
-from pytest_hotswap.watch.guard import GuardRefusal
+from pytest_hotswap.watch.guard import GuardRefusal, is_refusal
 from pytest_hotswap.watch.tap import LOCK, Observation, Tap
 
 _COMPILE_ID = re.compile(r"(\d+)/(\d+)$")
+T = TypeVar("T")
 
 
 class CompileWatcher(EventCounts):
@@ -56,6 +57,7 @@ class CompileWatcher(EventCounts):
         self._graph_breaks_at_enter: int | None = None
         self._caches: CacheTracker | None = None
         self._guard = GuardRefusal()  # inside fail_at_guard: refuses past the allowance
+        self._eager_after_refusal = False  # inside fail_at_guard(run_eagerly=True)
 
     # -- scope ---------------------------------------------------------------------------------
 
@@ -167,6 +169,8 @@ class CompileWatcher(EventCounts):
         return self._graph_breaks_done + max(0, _graph_break_count() - self._graph_breaks_at_enter)
 
     def _observe(self, observation: Observation) -> None:
+        if observation.refused and self._refused_already(observation):
+            return
         kind = observation.failure or KIND_COMPILE
         if kind == KIND_COMPILE and (
             observation.refused  # dynamo itself judged it a recompile, and compiled nothing
@@ -185,6 +189,18 @@ class CompileWatcher(EventCounts):
                 seconds=observation.seconds,
                 stopped_at_guard=observation.refused,
             )
+        )
+
+    def _refused_already(self, observation: Observation) -> bool:
+        """Whether this refusal repeats one of this scope's: the same frame failing the same
+        guards again (a later call, or a call run again after the refusal). One recompile: in a
+        fresh process the entry that recompile compiled serves the later calls."""
+        return any(
+            event.stopped_at_guard
+            and (event.filename, event.lineno, event.frame)
+            == (observation.filename, observation.lineno, observation.frame)
+            and observation.reasons in (event.reasons, event.guards)
+            for event in self.events
         )
 
     def _add(self, event: CompileEvent) -> None:
@@ -211,7 +227,9 @@ class CompileWatcher(EventCounts):
     # -- failing at the guard ------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def fail_at_guard(self, max_recompiles: int = 0) -> Iterator[None]:
+    def fail_at_guard(
+        self, max_recompiles: int = 0, *, run_eagerly: bool = False
+    ) -> Iterator[None]:
         """Inside, the recompile that would go past ``max_recompiles`` is refused at its guard.
 
         Dynamo then raises ``torch._dynamo.exc.RecompileError`` naming the guard, before any
@@ -221,21 +239,38 @@ class CompileWatcher(EventCounts):
         warm-ups and storms of frames still within the allowance are never refused. Cache
         switches, layout changes and cudagraph events count towards the allowance but cannot be
         stopped: they fail the verdict afterwards. ``error_on_recompile`` is put back on exit.
+
+        ``run_eagerly=True`` (:attr:`eager_after_refusal`): a caller that can run its call again
+        without compiling (``HotswapPipeline.run`` does, under ``force_eager``) does so after the
+        refusal instead of failing, so the checks after the call still run, without the
+        recompile's cost. A refusal repeated on a later call is the same recompile, counted once.
         """
         if not self.active:
             raise RuntimeError("fail_at_guard() needs an active CompileWatcher (use it inside)")
         with LOCK:
             outer = self._guard.start(max_recompiles)
+            eager_before, self._eager_after_refusal = self._eager_after_refusal, run_eagerly
             self._update_refusal()
         try:
             yield
         finally:
             with LOCK:
+                self._eager_after_refusal = eager_before
                 if outer is None:
                     self._guard.stop()
                 else:
                     self._guard.allowance = outer
                     self._update_refusal()
+
+    @property
+    def eager_after_refusal(self) -> bool:
+        """Inside ``fail_at_guard(run_eagerly=True)``: a refused call is to run again eagerly.
+        Settable inside ``fail_at_guard``, for the rest of it."""
+        return self._eager_after_refusal
+
+    @eager_after_refusal.setter
+    def eager_after_refusal(self, value: bool) -> None:
+        self._eager_after_refusal = bool(value)
 
     def _update_refusal(self) -> None:
         self._guard.update(
@@ -243,6 +278,22 @@ class CompileWatcher(EventCounts):
             pending_layout=self._pending_layout() is not None,
             warming_up=bool(self._warmups),
         )
+
+
+def call_or_run_eagerly(call: Callable[[], T]) -> T:
+    """``call()``; inside ``fail_at_guard(run_eagerly=True)``, a call dynamo refused at its guard
+    runs again under ``torch.compiler.set_stance("force_eager")``: no compile, the output an
+    eager run gives (what the refused recompile's graph computes). The refusal stays recorded."""
+    try:
+        return call()
+    except Exception as error:
+        watcher = CompileWatcher.current()
+        if watcher is None or not watcher.eager_after_refusal or not is_refusal(error):
+            raise
+    import torch
+
+    with torch.compiler.set_stance("force_eager"):
+        return call()
 
 
 def _is_recompile(observation: Observation) -> bool:
