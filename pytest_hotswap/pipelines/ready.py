@@ -75,10 +75,7 @@ class HotswapPipeline:
     def max_rank(self) -> int:
         return self.options.max_rank
 
-    @property
-    def compiled(self) -> bool:
-        """Whether its denoiser was compiled (``build_hotswap_pipeline(compiled=False)``: not)."""
-        return all(_is_compiled(module) for module in self.spec.denoisers)
+    compiled = property(lambda self: all(map(_is_compiled, self.spec.denoisers)))
 
     @property
     def compiled_modules(self) -> list[torch.nn.Module]:
@@ -151,21 +148,15 @@ class HotswapPipeline:
     # -- calls --------------------------------------------------------------------------------
 
     def run(self, **overrides: Any) -> torch.Tensor:
-        """The deterministic end-to-end call (latents for the tiny pipelines).
-
-        Inside ``fail_at_guard(run_eagerly=True)`` a call refused at its guard runs again
-        eagerly (``call_or_run_eagerly``): the spec's call is deterministic and starts afresh."""
-        kwargs = {**self._overrides, **overrides}
+        """The deterministic end-to-end call (latents for the tiny pipelines); refused at its
+        guard inside ``fail_at_guard(run_eagerly=True)``, it runs again eagerly."""
         with torch.no_grad():
-            return call_or_run_eagerly(lambda: self.spec.run(**kwargs))
+            return call_or_run_eagerly(lambda: self.spec.run(**{**self._overrides, **overrides}))
 
     def denoise(self, **inputs: Any) -> torch.Tensor:
         """One direct call of the compiled denoiser (``spec.inputs()`` when none are given).
-
-        Its first call compiles its own graph, a first compile, so it must happen while the
-        first adapter is loaded (each test starts so): after a swap that compile could hide a
-        recompile the swap caused. Later calls that compile are recompiles like any other.
-        """
+        Its first call compiles its own graph, so it must come while the first adapter is loaded
+        (after a swap it could hide a recompile the swap caused); later compiles are recompiles."""
         if not inputs:
             if self.spec.inputs is None:
                 raise ValueError(

@@ -9,6 +9,12 @@ own count, and puts the earlier value back at the end.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from pytest_hotswap.watch.tap import LOCK
+
 
 class GuardRefusal:
     """The allowance of one :class:`~pytest_hotswap.watch.CompileWatcher` and dynamo's flag."""
@@ -68,3 +74,62 @@ def is_refusal(error: BaseException) -> bool:
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return False
+
+
+class FailsAtGuard:
+    """The ``fail_at_guard`` half of :class:`~pytest_hotswap.watch.CompileWatcher`: it reads the
+    watcher's events, warm-ups and pending layout change, and sets the :class:`GuardRefusal`."""
+
+    _guard: GuardRefusal
+    events: list[Any]
+    eager_after_refusal: bool
+    _warmups: int
+
+    @property
+    def active(self) -> bool:
+        raise NotImplementedError
+
+    def _pending_layout(self) -> int | None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def fail_at_guard(
+        self, max_recompiles: int = 0, *, run_eagerly: bool = False
+    ) -> Iterator[None]:
+        """Inside, the recompile that would go past ``max_recompiles`` is refused at its guard.
+
+        Dynamo then raises ``torch._dynamo.exc.RecompileError`` naming the guard, before any
+        tracing or compiling; the refused attempt is an event with ``stopped_at_guard``. The
+        first ``max_recompiles`` recompiles compile as usual, and so does the one a pending
+        layout change caused (it joins that event, which is already counted). First compiles,
+        warm-ups and storms of frames still within the allowance are never refused. Cache
+        switches, layout changes and cudagraph events count towards the allowance but cannot be
+        stopped: they fail the verdict afterwards. ``error_on_recompile`` is put back on exit.
+
+        ``run_eagerly=True``: a call made through :func:`call_or_run_eagerly` (as
+        ``HotswapPipeline.run``) runs again eagerly after its refusal, so the checks after it
+        still run. A refusal repeated on a later call is the same recompile, counted once.
+        """
+        if not self.active:
+            raise RuntimeError("fail_at_guard() needs an active CompileWatcher (use it inside)")
+        with LOCK:
+            outer = self._guard.start(max_recompiles)
+            eager_before, self.eager_after_refusal = self.eager_after_refusal, run_eagerly
+            self._update_refusal()
+        try:
+            yield
+        finally:
+            with LOCK:
+                self.eager_after_refusal = eager_before
+                if outer is None:
+                    self._guard.stop()
+                else:
+                    self._guard.allowance = outer
+                    self._update_refusal()
+
+    def _update_refusal(self) -> None:
+        self._guard.update(
+            spent=sum(event.is_recompile for event in self.events),
+            pending_layout=self._pending_layout() is not None,
+            warming_up=bool(self._warmups),
+        )

@@ -17,14 +17,14 @@ from pytest_hotswap.watch.events import (
     CompileEvent,
     Step,
 )
-from pytest_hotswap.watch.guard import GuardRefusal, is_refusal
+from pytest_hotswap.watch.guard import FailsAtGuard, GuardRefusal, is_refusal
 from pytest_hotswap.watch.tap import LOCK, Observation, Tap
 
 _COMPILE_ID = re.compile(r"(\d+)/(\d+)$")
 T = TypeVar("T")
 
 
-class CompileWatcher(EventCounts):
+class CompileWatcher(EventCounts, FailsAtGuard):
     """Counts compiles, recompiles and graph breaks while active; re-entrant and nestable.
 
     Use as a context manager. Nested watchers each see the events inside their own scope;
@@ -57,7 +57,9 @@ class CompileWatcher(EventCounts):
         self._graph_breaks_at_enter: int | None = None
         self._caches: CacheTracker | None = None
         self._guard = GuardRefusal()  # inside fail_at_guard: refuses past the allowance
-        self._eager_after_refusal = False  # inside fail_at_guard(run_eagerly=True)
+        #: Inside ``fail_at_guard(run_eagerly=True)`` (or set inside ``fail_at_guard``): a call
+        #: refused at its guard is to run again eagerly (:func:`call_or_run_eagerly`).
+        self.eager_after_refusal = False
 
     # -- scope ---------------------------------------------------------------------------------
 
@@ -169,7 +171,7 @@ class CompileWatcher(EventCounts):
         return self._graph_breaks_done + max(0, _graph_break_count() - self._graph_breaks_at_enter)
 
     def _observe(self, observation: Observation) -> None:
-        if observation.refused and self._refused_already(observation):
+        if observation.refused and _repeats_a_refusal(self.events, observation):
             return
         kind = observation.failure or KIND_COMPILE
         if kind == KIND_COMPILE and (
@@ -189,18 +191,6 @@ class CompileWatcher(EventCounts):
                 seconds=observation.seconds,
                 stopped_at_guard=observation.refused,
             )
-        )
-
-    def _refused_already(self, observation: Observation) -> bool:
-        """Whether this refusal repeats one of this scope's: the same frame failing the same
-        guards again (a later call, or a call run again after the refusal). One recompile: in a
-        fresh process the entry that recompile compiled serves the later calls."""
-        return any(
-            event.stopped_at_guard
-            and (event.filename, event.lineno, event.frame)
-            == (observation.filename, observation.lineno, observation.frame)
-            and observation.reasons in (event.reasons, event.guards)
-            for event in self.events
         )
 
     def _add(self, event: CompileEvent) -> None:
@@ -224,60 +214,18 @@ class CompileWatcher(EventCounts):
                 return index if event.step == self._label else None
         return None
 
-    # -- failing at the guard ------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def fail_at_guard(
-        self, max_recompiles: int = 0, *, run_eagerly: bool = False
-    ) -> Iterator[None]:
-        """Inside, the recompile that would go past ``max_recompiles`` is refused at its guard.
-
-        Dynamo then raises ``torch._dynamo.exc.RecompileError`` naming the guard, before any
-        tracing or compiling; the refused attempt is an event with ``stopped_at_guard``. The
-        first ``max_recompiles`` recompiles compile as usual, and so does the one a pending
-        layout change caused (it joins that event, which is already counted). First compiles,
-        warm-ups and storms of frames still within the allowance are never refused. Cache
-        switches, layout changes and cudagraph events count towards the allowance but cannot be
-        stopped: they fail the verdict afterwards. ``error_on_recompile`` is put back on exit.
-
-        ``run_eagerly=True`` (:attr:`eager_after_refusal`): a caller that can run its call again
-        without compiling (``HotswapPipeline.run`` does, under ``force_eager``) does so after the
-        refusal instead of failing, so the checks after the call still run, without the
-        recompile's cost. A refusal repeated on a later call is the same recompile, counted once.
-        """
-        if not self.active:
-            raise RuntimeError("fail_at_guard() needs an active CompileWatcher (use it inside)")
-        with LOCK:
-            outer = self._guard.start(max_recompiles)
-            eager_before, self._eager_after_refusal = self._eager_after_refusal, run_eagerly
-            self._update_refusal()
-        try:
-            yield
-        finally:
-            with LOCK:
-                self._eager_after_refusal = eager_before
-                if outer is None:
-                    self._guard.stop()
-                else:
-                    self._guard.allowance = outer
-                    self._update_refusal()
-
-    @property
-    def eager_after_refusal(self) -> bool:
-        """Inside ``fail_at_guard(run_eagerly=True)``: a refused call is to run again eagerly.
-        Settable inside ``fail_at_guard``, for the rest of it."""
-        return self._eager_after_refusal
-
-    @eager_after_refusal.setter
-    def eager_after_refusal(self, value: bool) -> None:
-        self._eager_after_refusal = bool(value)
-
-    def _update_refusal(self) -> None:
-        self._guard.update(
-            spent=sum(event.is_recompile for event in self.events),
-            pending_layout=self._pending_layout() is not None,
-            warming_up=bool(self._warmups),
-        )
+def _repeats_a_refusal(events: list[CompileEvent], observation: Observation) -> bool:
+    """Whether this refusal repeats one of ``events``: the same frame failing the same guards
+    again (a later call, or a call run again after the refusal). One recompile: in a fresh
+    process the entry that recompile compiled serves the later calls."""
+    return any(
+        event.stopped_at_guard
+        and (event.filename, event.lineno, event.frame)
+        == (observation.filename, observation.lineno, observation.frame)
+        and observation.reasons in (event.reasons, event.guards)
+        for event in events
+    )
 
 
 def call_or_run_eagerly(call: Callable[[], T]) -> T:
