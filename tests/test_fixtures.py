@@ -166,6 +166,10 @@ def test_factory_refuses_unknown_override(hotswap_pipeline_factory):
 
 def test_factory_refuses_a_bad_dtype(hotswap_pipeline_factory):
     hotswap_pipeline_factory("flux", "diffusers", dtype="bf16")
+
+
+def test_factory_refuses_compiled_that_is_not_a_bool(hotswap_pipeline_factory):
+    hotswap_pipeline_factory("flux", "diffusers", compiled="no")
 """
 
 BAD_MARKER = """
@@ -190,7 +194,7 @@ def test_recompile_is_caught_and_bad_configurations_are_clear(pytester: pytest.P
         "-p",
         "no:cacheprovider",
     )
-    result.assert_outcomes(passed=3, failed=2, errors=3)
+    result.assert_outcomes(passed=3, failed=3, errors=3)
     result.stdout.fnmatch_lines_random(
         [
             # The negative control: a real recompile, with the swap it followed and dynamo's guard.
@@ -204,6 +208,8 @@ def test_recompile_is_caught_and_bad_configurations_are_clear(pytester: pytest.P
             "*@pytest.mark.hotswap got unknown argument(s) pipelines; accepted: pipeline, max_rank*",
             "*UsageError: *test_factory_refuses_a_bad_dtype: dtype='bf16': expected one of auto, "
             "float32, bfloat16, float16; got 'bf16'",
+            "*UsageError: *test_factory_refuses_compiled_that_is_not_a_bool: compiled must be True "
+            "or False, got 'no'",
         ]
     )
 

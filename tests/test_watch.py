@@ -645,3 +645,19 @@ def test_a_refused_call_fails_without_run_eagerly() -> None:
     assert watch.recompiles == 1 and watch.stopped_at_guard
     model.scale = 2.0  # outside: dynamo compiles as usual
     torch.testing.assert_close(call_or_run_eagerly(lambda: compiled(X)), model.lin(X) * 2.0)
+
+
+def test_asked_to_run_eagerly_from_inside_the_call_it_holds_until_fail_at_guard_ends() -> None:
+    """run_eagerly_past_allowance from inside the test's call (test_catalog learns its defect
+    there): the active watcher runs refused calls again eagerly for the rest of fail_at_guard."""
+    from pytest_hotswap.plugin.session import ITEM_KEY, WatchedTest, run_eagerly_past_allowance
+
+    item = type("Item", (), {"stash": pytest.Stash()})()
+    with CompileWatcher() as watch:
+        item.stash[ITEM_KEY] = WatchedTest(0, watcher=watch)
+        with watch.fail_at_guard(0):
+            assert not watch.eager_after_refusal  # the negative control
+            run_eagerly_past_allowance(item)
+            assert watch.eager_after_refusal
+        assert not watch.eager_after_refusal
+    assert item.stash[ITEM_KEY].run_eagerly

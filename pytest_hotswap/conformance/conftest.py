@@ -9,6 +9,7 @@ import pytest
 
 from pytest_hotswap.conformance.matrix import register_matrix
 from pytest_hotswap.conformance.support import (
+    DEFECT_SCENARIOS,
     EAGER_PROPERTY,
     CatalogCase,
     catalog_for,
@@ -37,8 +38,9 @@ def pytest_collection_modifyitems(
     known-defect cells in blocks of their own: neither uses the column's default pipeline (the
     catalog's pipelines are built from the catalog, known-defect cells build eager ones). Under
     ``pytest-xdist --dist loadgroup`` each block is one group, run by one worker in this order
-    (``make conformance`` passes ``--no-loadscope-reorder`` so groups start in this order too). See :func:`_block_order`.
-    Verdicts do not depend on the order (the suite's promise); this saves compiles only.
+    (``make conformance`` passes ``--no-loadscope-reorder`` so groups start in this order too;
+    :func:`_block_order` says why this order). Verdicts do not depend on the order (the suite's
+    promise); this saves compiles only.
     """
     _order_blocks(config, items)
     result = yield
@@ -90,8 +92,6 @@ def _static_defect(item: pytest.Item, implementation: Any) -> KnownDefect | None
     """The scenario's known defect as collection can tell it (the catalog's and a pipeline
     trait's are known only once the files or the pipeline are built: those cells stay in the
     column's block)."""
-    from pytest_hotswap.conformance.test_conformance import DEFECT_SCENARIOS
-
     if implementation is None or "hotswap_pipeline" not in getattr(item, "fixturenames", ()):
         return None
     scenario = getattr(item, "originalname", item.name).removeprefix("test_")

@@ -39,6 +39,9 @@ SCENARIOS = {
     "catalog": "catalog",
 }
 
+#: Scenarios whose known defect is listed under another name (the feature they exercise).
+DEFECT_SCENARIOS = {"per_layer_ranks": "rank_pattern"}
+
 #: Verdicts in the matrix, from a test report.
 PASS, DEFECT, FAIL, FIXED, NA, ERROR = "pass", "upstream defect", "FAIL", "XPASS", "n/a", "ERROR"
 UNSUPPORTED, MAYBE_FIXED, UNVERIFIED_DEFECT = (

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from pytest_hotswap.conformance.support import (
+    DEFECT_SCENARIOS,
     VERDICT_PROPERTY,
     ModelChangedError,
     NotRejectedError,
@@ -30,9 +31,6 @@ from pytest_hotswap.conformance.support import (
 )
 
 pytestmark = pytest.mark.no_recompile
-
-#: Scenarios whose known defect is listed under another name (the feature they exercise).
-DEFECT_SCENARIOS = {"per_layer_ranks": "rank_pattern"}
 
 
 @pytest.fixture(autouse=True)

@@ -150,6 +150,10 @@ class PipelineFactory:
         options = _apply(self.options, overrides, self.where)
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise pytest.UsageError(f"{self.where}: slots must be an integer >= 1, got {slots!r}")
+        if not isinstance(compiled, bool):
+            raise pytest.UsageError(
+                f"{self.where}: compiled must be True or False, got {compiled!r}"
+            )
         from pytest_hotswap.pipelines.saved import identity_of
 
         configuration = Configuration(
@@ -161,7 +165,7 @@ class PipelineFactory:
             targets=None if targets is None else tuple(str(t) for t in targets),
             text_encoder=text_encoder,
             slots=slots,
-            compiled=bool(compiled),
+            compiled=compiled,
         )
         try:
             pipeline = self.cache.get(configuration)

@@ -10,7 +10,8 @@ own count, and puts the earlier value back at the end.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pytest_hotswap.watch.tap import LOCK
@@ -61,8 +62,6 @@ class GuardRefusal:
 def is_refusal(error: BaseException) -> bool:
     """Whether ``error`` is, or was raised from, dynamo's refusal of a recompile
     (``torch._dynamo.exc.RecompileError``); a caller may have wrapped it."""
-    import sys
-
     exc = sys.modules.get("torch._dynamo.exc")
     if exc is None:
         return False
@@ -84,13 +83,8 @@ class FailsAtGuard:
     events: list[Any]
     eager_after_refusal: bool
     _warmups: int
-
-    @property
-    def active(self) -> bool:
-        raise NotImplementedError
-
-    def _pending_layout(self) -> int | None:
-        raise NotImplementedError
+    active: bool
+    _pending_layout: Callable[[], int | None]
 
     @contextlib.contextmanager
     def fail_at_guard(
